@@ -1,0 +1,126 @@
+"""``gvsl pretrain | match | demo | finetune | segment`` (also ``python -m gvsl``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def _patch(text: str) -> List[int]:
+    parts = [int(p) for p in text.replace("x", ",").split(",") if p]
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3 or min(parts) < 16:
+        raise argparse.ArgumentTypeError(f"--patch wants one or three sizes >= 16, got {text!r}")
+    return parts
+
+
+def _common_run(p: argparse.ArgumentParser, iters: int, batch: int, lr: float, patch: str):
+    p.add_argument("--out", required=True, help="run folder (config.json, metrics.jsonl, checkpoints/)")
+    p.add_argument("--patch", type=_patch, default=_patch(patch), help="crop size D,H,W or one size")
+    p.add_argument("--iters", type=int, default=iters)
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--amp", action="store_true", help="mixed precision on GPUs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--preset", default="auto", choices=["ct", "mr", "auto"], help="intensity preset")
+    p.add_argument("--spacing", type=float, default=1.0, help="resampling spacing in mm")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--progress", default="auto", choices=["auto", "bar", "text", "json"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gvsl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="self-supervised GVSL pre-training")
+    p.add_argument("--data", required=True, help="folder (recursive) or text file listing volumes")
+    _common_run(p, iters=10000, batch=1, lr=1e-4, patch="128")
+    p.add_argument("--width", type=float, default=1.0, help="channel width factor (1.0 = official)")
+    p.add_argument("--cache-dir", default=None, help="preprocessed-volume cache (default RUN/cache)")
+    p.add_argument("--init", default=None, help="start from these weights (ours or official)")
+    p.add_argument("--no-augment", action="store_true", help="train on raw crops (debugging)")
+
+    p = sub.add_parser("match", help="match a pair of volumes in physical space")
+    p.add_argument("fixed")
+    p.add_argument("moving")
+    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", default=None, help="weights (default: the shipped demo model)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--preset", default="auto", choices=["ct", "mr", "auto"])
+    p.add_argument("--spacing", type=float, default=1.0, help="working-grid spacing in mm")
+    p.add_argument("--max-size", type=int, default=128, help="cap on the working grid's longest side")
+    p.add_argument("--points", default=None, help="CSV or JSON of LPS points (x,y,z[,image])")
+    p.add_argument("--no-report", action="store_true")
+    p.add_argument("--save-state", action="store_true", help="also write state.npz (features) for heatmap queries")
+    p.add_argument("--progress", default="auto", choices=["auto", "bar", "text", "json"])
+
+    p = sub.add_parser("demo", help="match the bundled sample CT against a deformed copy")
+    p.add_argument("--out", default="gvsl-demo")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--sample", default="ct", choices=["ct", "mri"])
+    p.add_argument("--seed", type=int, default=7)
+
+    p = sub.add_parser("finetune", help="fine-tune or linearly probe for segmentation")
+    p.add_argument("--images", required=True, help="folder or list file of images")
+    p.add_argument("--labels", required=True, help="folder or list file of label maps (same order/names)")
+    _common_run(p, iters=2000, batch=1, lr=1e-4, patch="128")
+    p.add_argument("--init", default="scratch", help="checkpoint (ours or official) or 'scratch'")
+    p.add_argument("--mode", default="full", choices=["full", "linear"])
+    p.add_argument("--classes", default=None, help="comma-separated class names for labels 1..K")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--val-images", default=None)
+    p.add_argument("--val-labels", default=None)
+    p.add_argument("--val-every", type=int, default=100)
+    p.add_argument("--width", type=float, default=None, help="width for --init scratch (default 1.0)")
+    p.add_argument("--cache-dir", default=None)
+
+    p = sub.add_parser("segment", help="segment a volume with a fine-tuned checkpoint")
+    p.add_argument("image")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="output label map (.nii.gz, .nrrd, ...)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--progress", default="auto", choices=["auto", "bar", "text", "json"])
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "pretrain":
+            from .pretrain import PretrainConfig, run_pretrain
+            cfg = PretrainConfig(data=args.data, out=args.out, patch=args.patch, iters=args.iters,
+                                 batch=args.batch, lr=args.lr, width=args.width, device=args.device,
+                                 amp=args.amp, seed=args.seed, ckpt_every=args.ckpt_every,
+                                 log_every=args.log_every, preset=args.preset, spacing=args.spacing,
+                                 cache_dir=args.cache_dir, resume=args.resume, init=args.init,
+                                 augment=not args.no_augment)
+            run_pretrain(cfg, progress=args.progress)
+        elif args.command == "match":
+            from .match import match_cli
+            match_cli(args)
+        elif args.command == "demo":
+            from .demo import run_demo
+            run_demo(out=args.out, checkpoint=args.checkpoint, device=args.device, sample=args.sample,
+                     seed=args.seed)
+        elif args.command == "finetune":
+            from .finetune import finetune_cli
+            finetune_cli(args)
+        elif args.command == "segment":
+            from .segment import segment_cli
+            segment_cli(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one clear line for the user; GVSL_DEBUG=1 shows the traceback
+        import os
+        if os.environ.get("GVSL_DEBUG"):
+            raise
+        print(f"gvsl {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

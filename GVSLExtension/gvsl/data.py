@@ -1,0 +1,267 @@
+"""Reading, checking, normalising and resampling volumes; the pre-training pair sampler.
+
+SimpleITK does the reading (any format it knows, DICOM series folders) and the
+resampling; the geometry conventions are those of :mod:`gvsl.conventions`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from .conventions import Grid, working_grid
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+PRESETS = ("ct", "mr", "auto")
+CACHE_VERSION = 1
+
+
+class InputError(ValueError):
+    """Unusable input; the message names the file and the problem."""
+
+
+def is_volume_file(path: Path) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(s) for s in VOLUME_SUFFIXES) and not name.endswith(".seg.nrrd")
+
+
+def _dicom_series(folder: Path) -> List[str]:
+    try:
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
+    except RuntimeError:
+        return []
+
+
+def find_volumes(source) -> List[str]:
+    """Volumes under a folder (recursive; DICOM series folders count as one volume per
+    series, written ``folder::series_uid``) or listed in a text file (one path a line,
+    relative paths taken from the file's folder, ``#`` comments)."""
+    source = Path(source)
+    if not source.exists():
+        raise InputError(f"{source}: no such file or folder")
+    if source.is_file():
+        if is_volume_file(source):
+            return [str(source)]
+        found = []
+        for line in source.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                p = Path(line)
+                found.append(str(p if p.is_absolute() else source.parent / p))
+        return found
+    found = []
+    for folder, _dirs, files in sorted(os.walk(source)):
+        folder = Path(folder)
+        found += [str(folder / f) for f in sorted(files) if is_volume_file(folder / f)]
+        if any(f.lower().endswith(".dcm") or "." not in f for f in files):
+            found += [f"{folder}::{uid}" for uid in _dicom_series(folder)]
+    return found
+
+
+def read_image(path) -> sitk.Image:
+    """Read and check one 3D scalar volume. Raises :class:`InputError` naming the file."""
+    path = str(path)
+    try:
+        if "::" in path:
+            folder, uid = path.split("::", 1)
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
+            image = reader.Execute()
+        elif os.path.isdir(path):
+            series = _dicom_series(Path(path))
+            if not series:
+                raise InputError(f"{path}: folder holds no DICOM series")
+            return read_image(f"{path}::{series[0]}")
+        else:
+            if not os.path.exists(path):
+                raise InputError(f"{path}: file not found")
+            image = sitk.ReadImage(path)
+    except InputError:
+        raise
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        reason = next((ln for ln in first if "Description" in ln or "ERROR" in ln), first[-1] if first else "")
+        raise InputError(f"{path}: unreadable ({reason.strip()[:200]})") from None
+    return check_image(image, path)
+
+
+def check_image(image: sitk.Image, name: str = "<image>") -> sitk.Image:
+    """Refuse 2D, 4D, multi-component, empty or NaN-filled volumes; replace sporadic NaNs."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{name}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+                         f"a scalar volume is needed")
+    dim = image.GetDimension()
+    if dim == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+        dim = 3
+    if dim != 3:
+        raise InputError(f"{name}: is {dim}D (size {image.GetSize()}); a 3D volume is needed")
+    size = image.GetSize()
+    if min(size) < 2 or np.prod(size) == 0:
+        raise InputError(f"{name}: is empty or a single slice (size {size}); a 3D volume is needed")
+    array = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(array.dtype, np.floating):
+        finite = np.isfinite(array)
+        if not finite.any():
+            raise InputError(f"{name}: holds no finite value (NaN/inf everywhere)")
+        if not finite.all():
+            fixed = np.where(finite, array, array[finite].min()).astype(array.dtype)
+            clean = sitk.GetImageFromArray(fixed)
+            clean.CopyInformation(image)
+            image = clean
+            array = fixed
+    if float(array.max()) == float(array.min()):
+        raise InputError(f"{name}: is empty (every voxel is {float(array.min())})")
+    return image
+
+
+def resolve_preset(array: np.ndarray, preset: str) -> str:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown intensity preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if preset != "auto":
+        return preset
+    # CT is stored in Hounsfield units: air at about -1000.
+    return "ct" if float(np.percentile(array, 1)) < -500 else "mr"
+
+
+def normalize_intensity(array: np.ndarray, preset: str) -> Tuple[np.ndarray, str]:
+    """Map intensities to [0, 1]: ``ct`` clips HU to [-1024, 1024]; ``mr`` maps the
+    0.5-99.5 percentiles. Returns (float32 array, the preset used)."""
+    preset = resolve_preset(array, preset)
+    array = array.astype(np.float32)
+    if preset == "ct":
+        out = (np.clip(array, -1024.0, 1024.0) + 1024.0) / 2048.0
+    else:
+        low, high = np.percentile(array, [0.5, 99.5])
+        out = np.clip((array - low) / max(high - low, 1e-6), 0.0, 1.0)
+    return out.astype(np.float32), preset
+
+
+def normalized_image(image: sitk.Image, preset: str) -> Tuple[sitk.Image, str]:
+    array, used = normalize_intensity(sitk.GetArrayViewFromImage(image), preset)
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(image)
+    return out, used
+
+
+def fitting_grid(images: Sequence[sitk.Image], spacing_mm: float = 1.0, max_size: Optional[int] = None,
+                 multiple: int = 16) -> List[Grid]:
+    """Working grids (identity direction, isotropic) of one common size, each centred on
+    its own image and covering the largest extent; spacing grows if ``max_size`` caps the
+    size. Sizes are multiples of ``multiple`` so the U-Net needs no padding."""
+    extents = np.max([Grid.of(im).physical_extent() for im in images], axis=0)  # LPS mm (x, y, z)
+    if max_size is not None:
+        spacing_mm = max(spacing_mm, float(extents.max()) / max_size)
+    size_xyz = np.ceil(extents / spacing_mm / multiple).astype(int) * multiple
+    if max_size is not None:
+        size_xyz = np.minimum(size_xyz, max(multiple, (max_size // multiple) * multiple))
+    shape = (int(size_xyz[2]), int(size_xyz[1]), int(size_xyz[0]))
+    return [working_grid(Grid.of(im).physical_bounds_center(), shape, spacing_mm) for im in images]
+
+
+def resample_to(image: sitk.Image, grid: Grid, linear: bool = True, default: float = 0.0) -> sitk.Image:
+    return sitk.Resample(image, grid.size, sitk.Transform(), sitk.sitkLinear if linear else sitk.sitkNearestNeighbor,
+                         grid.origin, grid.spacing, grid.direction, default, image.GetPixelID())
+
+
+# ----------------------------------------------------------------------- pre-training
+
+
+def _cache_key(path: str, preset: str, spacing: float) -> str:
+    stat_path = path.split("::", 1)[0]
+    st = os.stat(stat_path)
+    text = json.dumps([os.path.abspath(path), st.st_mtime_ns, st.st_size, preset, spacing, CACHE_VERSION])
+    return hashlib.sha1(text.encode()).hexdigest()[:20]
+
+
+def preprocess_volume(path: str, preset: str, spacing_mm: float) -> np.ndarray:
+    """Read, normalise and resample one volume onto an isotropic identity-direction grid."""
+    image, _ = normalized_image(read_image(path), preset)
+    grid = fitting_grid([image], spacing_mm, max_size=None, multiple=1)[0]
+    return sitk.GetArrayFromImage(resample_to(image, grid)).astype(np.float16)
+
+
+def cached_volume(path: str, preset: str, spacing_mm: float, cache_dir) -> np.ndarray:
+    """:func:`preprocess_volume` once per file version; later epochs and runs read the
+    memory-mapped ``.npy`` from ``cache_dir``."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / f"{_cache_key(path, preset, spacing_mm)}.npy"
+    if not target.exists():
+        array = preprocess_volume(path, preset, spacing_mm)
+        fd, tmp = tempfile.mkstemp(suffix=".npy", dir=cache_dir)
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array)
+        os.replace(tmp, target)
+    return np.load(target, mmap_mode="r")
+
+
+@dataclass
+class DatasetReport:
+    used: List[str]
+    skipped: List[str]  # "path: reason"
+
+
+def load_training_volumes(source, preset: str, spacing_mm: float, cache_dir, log=print):
+    """All usable volumes of ``source``; bad files are reported by name and skipped."""
+    paths = find_volumes(source)
+    arrays, used, skipped = [], [], []
+    for path in paths:
+        try:
+            arrays.append(cached_volume(path, preset, spacing_mm, cache_dir))
+            used.append(path)
+        except (InputError, OSError) as exc:
+            message = str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"
+            skipped.append(message)
+            log(f"skipped {message}")
+    if len(arrays) < 2:
+        detail = ("; ".join(skipped[:5])) if skipped else "none found"
+        raise InputError(f"{source}: pre-training needs at least 2 usable volumes, found {len(arrays)} "
+                         f"({detail})")
+    return arrays, DatasetReport(used, skipped)
+
+
+class PairSampler:
+    """Random crops of two different volumes per sample; one RNG per rank."""
+
+    def __init__(self, arrays: Sequence[np.ndarray], patch: Sequence[int], seed: int):
+        self.arrays = list(arrays)
+        self.patch = tuple(int(p) for p in patch)
+        self.rng = np.random.default_rng(seed)
+
+    def crop(self, array: np.ndarray) -> np.ndarray:
+        out = np.zeros(self.patch, dtype=np.float32)
+        starts, src, dst = [], [], []
+        for size, p in zip(array.shape, self.patch):
+            if size >= p:
+                s = int(self.rng.integers(0, size - p + 1))
+                src.append(slice(s, s + p))
+                dst.append(slice(0, p))
+            else:  # smaller than the patch: centre it, pad with background (0)
+                o = (p - size) // 2
+                src.append(slice(0, size))
+                dst.append(slice(o, o + size))
+        out[tuple(dst)] = array[tuple(src)]
+        return out
+
+    def sample(self, batch: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Two float32 arrays (batch, 1, *patch)."""
+        a, b = [], []
+        for _ in range(batch):
+            i, j = self.rng.choice(len(self.arrays), size=2, replace=False)
+            a.append(self.crop(self.arrays[i]))
+            b.append(self.crop(self.arrays[j]))
+        return np.stack(a)[:, None], np.stack(b)[:, None]
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: dict):
+        self.rng.bit_generator.state = state

@@ -1,0 +1,253 @@
+"""The GVSL network: 3D U-Net backbone, Z-matching head (affine + deformable) and
+self-restoration head.
+
+Module and parameter names follow the official GVSL3D-UNet (``unet.inc``, ``f_conv``,
+``sp_conv``, ``out_flow``, ``fc_rot`` ...) so that the released weights load as they
+are. Axes, coordinates and field directions are those of :mod:`gvsl.conventions`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .conventions import compose_affine_then_local, affine_to_flow, warp
+
+OFFICIAL_CHANNELS = (32, 64, 128, 256, 512, 256, 128, 64, 32)
+# Bounds of the affine head, as in the official code (radians and scale factors).
+MAX_ROTATION = math.pi / 9
+MAX_SCALE_CHANGE = 0.25
+MAX_SHEAR = math.pi / 18
+# The official translation was unbounded; we bound it to a fraction of the grid size.
+MAX_TRANSLATION_FRACTION = 0.25
+
+
+def scaled_channels(width: float) -> Tuple[int, ...]:
+    """Backbone channels for a width factor; multiples of 8 so that GroupNorm(C/8) works."""
+    if width <= 0:
+        raise ValueError(f"width must be positive, got {width}")
+    return tuple(max(8, int(round(c * width / 8.0)) * 8) for c in OFFICIAL_CHANNELS)
+
+
+class DoubleConv(nn.Module):
+    """2 x [Conv3d 3^3, GroupNorm(C/8), LeakyReLU(0.2)]: (N, Cin, D, H, W) -> (N, Cout, D, H, W)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.double_conv = nn.Sequential(
+            nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1),
+            nn.GroupNorm(out_channels // 8, out_channels),
+            nn.LeakyReLU(0.2),
+            nn.Conv3d(out_channels, out_channels, kernel_size=3, padding=1),
+            nn.GroupNorm(out_channels // 8, out_channels),
+            nn.LeakyReLU(0.2),
+        )
+
+    def forward(self, x):
+        return self.double_conv(x)
+
+
+class Down(nn.Module):
+    """MaxPool3d(2) then DoubleConv: halves D, H, W."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.maxpool_conv = nn.Sequential(nn.MaxPool3d(2), DoubleConv(in_channels, out_channels))
+
+    def forward(self, x):
+        return self.maxpool_conv(x)
+
+
+class Up(nn.Module):
+    """Trilinear x2 upsampling (align_corners=True), concatenation [skip, up], DoubleConv."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = DoubleConv(in_channels, out_channels)
+
+    def forward(self, coarse, skip):
+        up = F.interpolate(coarse, scale_factor=2, mode="trilinear", align_corners=True)
+        return self.conv(torch.cat([skip, up], dim=1))
+
+
+class UNetBackbone(nn.Module):
+    """The official 3D U-Net. ``forward(x)`` for x (N, 1, D, H, W) returns
+    ``(global_features (N, C4, D/16', H/16', W/16'), local_features (N, C8, D, H, W))``;
+    the input is padded to a multiple of 16 and the local features cropped back."""
+
+    def __init__(self, in_channels: int = 1, channels: Tuple[int, ...] = OFFICIAL_CHANNELS):
+        super().__init__()
+        c = channels
+        self.channels = tuple(channels)
+        self.inc = DoubleConv(in_channels, c[0])
+        self.down1 = Down(c[0], c[1])
+        self.down2 = Down(c[1], c[2])
+        self.down3 = Down(c[2], c[3])
+        self.down4 = Down(c[3], c[4])
+        self.up1 = Up(c[4] + c[3], c[5])
+        self.up2 = Up(c[5] + c[2], c[6])
+        self.up3 = Up(c[6] + c[1], c[7])
+        self.up4 = Up(c[7] + c[0], c[8])
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight)
+
+    @property
+    def feature_channels(self) -> int:
+        return self.channels[8]
+
+    def forward(self, x):
+        size = x.shape[2:]
+        pad = [(16 - s % 16) % 16 for s in size]
+        # F.pad takes (W_before, W_after, H_before, H_after, D_before, D_after).
+        x = F.pad(x, [pad[2] // 2, pad[2] - pad[2] // 2, pad[1] // 2, pad[1] - pad[1] // 2,
+                      pad[0] // 2, pad[0] - pad[0] // 2])
+        x1 = self.inc(x)
+        x2 = self.down1(x1)
+        x3 = self.down2(x2)
+        x4 = self.down3(x3)
+        x5 = self.down4(x4)
+        y = self.up4(self.up3(self.up2(self.up1(x5, x4), x3), x2), x1)
+        d0, h0, w0 = pad[0] // 2, pad[1] // 2, pad[2] // 2
+        return x5, y[:, :, d0:d0 + size[0], h0:h0 + size[1], w0:w0 + size[2]]
+
+
+def affine_from_parameters(rotation, scale, translation, shear) -> torch.Tensor:
+    """Batched, differentiable (N, 3, 4) centred voxel affine ``[Sh Sc Rz Ry Rx | t]``.
+
+    rotation (N, 3) radians about the d, h, w axes; scale (N, 3); translation (N, 3)
+    voxels; shear (N, 6) radians, ordered (dh, dw, hd, hw, wd, wh).
+    """
+    n = rotation.shape[0]
+    cos, sin = torch.cos(rotation), torch.sin(rotation)
+    one, zero = torch.ones_like(cos[:, 0]), torch.zeros_like(cos[:, 0])
+
+    def mat(rows):
+        return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
+
+    rot_d = mat([[one, zero, zero], [zero, cos[:, 0], -sin[:, 0]], [zero, sin[:, 0], cos[:, 0]]])
+    rot_h = mat([[cos[:, 1], zero, sin[:, 1]], [zero, one, zero], [-sin[:, 1], zero, cos[:, 1]]])
+    rot_w = mat([[cos[:, 2], -sin[:, 2], zero], [sin[:, 2], cos[:, 2], zero], [zero, zero, one]])
+    scale_m = torch.diag_embed(scale)
+    t = torch.tan(shear)
+    shear_m = mat([[one, t[:, 0], t[:, 1]], [t[:, 2], one, t[:, 3]], [t[:, 4], t[:, 5], one]])
+    linear = shear_m @ scale_m @ rot_w @ rot_h @ rot_d
+    return torch.cat([linear, translation.view(n, 3, 1)], dim=-1)
+
+
+class GVSLOutput:
+    """Result of :meth:`GVSL.forward` (all tensors on the input's device).
+
+    affine (N, 3, 4), affine_flow / local_flow / flow (N, 3, D, H, W) in voxels,
+    warped (N, 1, D, H, W) = b warped onto a, restored (N, 1, D, H, W),
+    features_a / features_b (N, C, D, H, W) local decoder features.
+    """
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+    def __repr__(self):
+        return "GVSLOutput(" + ", ".join(
+            f"{k}={tuple(v.shape) if torch.is_tensor(v) else v}" for k, v in self.__dict__.items()) + ")"
+
+
+class GVSL(nn.Module):
+    """GVSL pre-training model. ``model(a, b)`` with a, b (N, 1, D, H, W) in [0, 1].
+
+    ``width`` scales every channel count (1.0 = the official 32...512 network).
+    """
+
+    def __init__(self, width: float = 1.0, in_channels: int = 1):
+        super().__init__()
+        self.width = float(width)
+        chans = scaled_channels(width)
+        self.unet = UNetBackbone(in_channels, chans)
+        hidden = max(8, int(round(256 * width / 8)) * 8)
+        # Z-matching, global half: global features of moving and fixed -> bounded affine.
+        self.f_conv = DoubleConv(2 * chans[4], hidden)
+        self.fc_rot = nn.Linear(hidden, 3)
+        self.fc_scl = nn.Linear(hidden, 3)
+        self.fc_trans = nn.Linear(hidden, 3)
+        self.fc_shear = nn.Linear(hidden, 6)
+        for fc in (self.fc_rot, self.fc_scl, self.fc_trans, self.fc_shear):
+            # Small, non-zero weights: the head starts near identity, yet every layer
+            # below it receives a gradient from the first step.
+            nn.init.normal_(fc.weight, std=1e-3)
+            nn.init.zeros_(fc.bias)
+        # Z-matching, local half: aligned moving and fixed local features -> displacement.
+        flow_hidden = max(8, int(round(16 * width / 8)) * 8)
+        res_hidden = max(4, int(round(16 * width / 4)) * 4)
+        self.sp_conv = DoubleConv(2 * chans[8], flow_hidden)
+        self.out_flow = nn.Conv3d(flow_hidden, 3, 3, padding=1)
+        nn.init.normal_(self.out_flow.weight, std=1e-5)
+        nn.init.zeros_(self.out_flow.bias)
+        self.res_conv = nn.Sequential(nn.Conv3d(chans[8], res_hidden, 3, padding=1),
+                                      nn.GroupNorm(res_hidden // 4, res_hidden),
+                                      nn.LeakyReLU(0.2),
+                                      nn.Conv3d(res_hidden, 1, 1))
+
+    @property
+    def config(self) -> dict:
+        return {"width": self.width, "in_channels": self.unet.inc.double_conv[0].in_channels}
+
+    def predict_affine(self, global_moving, global_fixed, shape) -> torch.Tensor:
+        x = self.f_conv(torch.cat([global_moving, global_fixed], dim=1))
+        pooled = x.mean(dim=(2, 3, 4))
+        rotation = torch.clamp(self.fc_rot(pooled), -1, 1) * MAX_ROTATION
+        scale = torch.clamp(self.fc_scl(pooled), -1, 1) * MAX_SCALE_CHANGE + 1
+        shear = torch.clamp(self.fc_shear(pooled), -1, 1) * MAX_SHEAR
+        extent = torch.tensor(list(shape), dtype=pooled.dtype, device=pooled.device)
+        translation = torch.clamp(self.fc_trans(pooled), -1, 1) * MAX_TRANSLATION_FRACTION * extent
+        return affine_from_parameters(rotation.float(), scale.float(), translation.float(), shear.float())
+
+    def restore(self, local_features):
+        return self.res_conv(local_features)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, restore: bool = True) -> GVSLOutput:
+        if a.shape != b.shape:
+            raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        n, shape = a.shape[0], a.shape[2:]
+        # One backbone pass over both volumes: GroupNorm is per sample, so this equals two passes.
+        global_feats, local_feats = self.unet(torch.cat([a, b], dim=0))
+        global_a, global_b = global_feats[:n], global_feats[n:]
+        local_a, local_b = local_feats[:n], local_feats[n:]
+
+        affine = self.predict_affine(global_b, global_a, shape)
+        affine_flow = affine_to_flow(affine, shape)
+        aligned_local_b = warp(local_b, affine_flow.to(local_b.dtype))
+        local_flow = self.out_flow(self.sp_conv(torch.cat([aligned_local_b, local_a], dim=1))).float()
+        flow = compose_affine_then_local(affine, local_flow)
+        warped = warp(b.float(), flow)
+        restored = self.restore(local_a) if restore else None
+        return GVSLOutput(affine=affine, affine_flow=affine_flow, local_flow=local_flow, flow=flow,
+                          warped=warped, restored=restored, features_a=local_a, features_b=local_b)
+
+
+class SegmentationNet(nn.Module):
+    """The downstream network of the official recipe: GVSL backbone + 3^3 convolution.
+    ``forward(x)`` returns logits (N, classes + 1, D, H, W); softmax gives probabilities."""
+
+    def __init__(self, num_classes: int, width: float = 1.0, in_channels: int = 1):
+        super().__init__()
+        self.width = float(width)
+        self.num_classes = int(num_classes)
+        self.backbone = UNetBackbone(in_channels, scaled_channels(width))
+        self.head = nn.Conv3d(self.backbone.feature_channels, num_classes + 1, kernel_size=3, padding=1)
+
+    @property
+    def config(self) -> dict:
+        return {"width": self.width, "num_classes": self.num_classes}
+
+    def load_backbone_from(self, gvsl_model: "GVSL"):
+        self.backbone.load_state_dict(gvsl_model.unet.state_dict())
+
+    def freeze_backbone(self):
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(self.backbone(x)[1])

@@ -1,0 +1,174 @@
+"""``gvsl pretrain``: GVSL self-supervised pre-training, from one CPU to many GPUs."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .augment import augment_pair
+from .checkpoint import FORMAT, FORMAT_VERSION, read_checkpoint
+from .data import PairSampler, load_training_volumes
+from .losses import GVSLLoss, LossWeights
+from .network import GVSL
+from .runtime import (Distributed, EtaClock, MetricsLog, Reporter, StopFlag, autocast_context,
+                      error_events, write_checkpoint)
+
+
+@dataclass
+class PretrainConfig:
+    data: str
+    out: str
+    patch: List[int] = field(default_factory=lambda: [128, 128, 128])
+    iters: int = 10000
+    batch: int = 1
+    lr: float = 1e-4
+    width: float = 1.0
+    device: str = "auto"
+    amp: bool = False
+    seed: int = 0
+    ckpt_every: int = 500
+    log_every: int = 10
+    preset: str = "auto"
+    spacing: float = 1.0
+    cache_dir: Optional[str] = None
+    resume: bool = False
+    weights: dict = field(default_factory=lambda: asdict(LossWeights()))
+    augment: bool = True
+    init: Optional[str] = None  # start from these weights (ours or official)
+
+
+class RunDirError(RuntimeError):
+    pass
+
+
+def _prepare_run_dir(cfg: PretrainConfig, is_main: bool) -> Path:
+    run_dir = Path(cfg.out)
+    last = run_dir / "checkpoints" / "last.pt"
+    if last.exists() and not cfg.resume:
+        raise RunDirError(f"{run_dir}: already holds a run (checkpoints/last.pt); pass --resume to "
+                          f"continue it or choose a new --out")
+    if is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def run_pretrain(cfg: PretrainConfig, progress: str = "auto") -> dict:
+    """Run (or resume) pre-training; returns the final summary (also the ``done`` event)."""
+    ddp = Distributed(cfg.device)
+    reporter = Reporter(progress, enabled=ddp.is_main)
+    with error_events(reporter):
+        try:
+            return _run(cfg, ddp, reporter)
+        finally:
+            ddp.close()
+
+
+def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
+    device = ddp.device
+    run_dir = _prepare_run_dir(cfg, ddp.is_main)
+    cache_dir = cfg.cache_dir or str(run_dir / "cache")
+    log = (lambda msg: reporter.event("log", message=msg)) if ddp.is_main else (lambda msg: None)
+    arrays, report = load_training_volumes(cfg.data, cfg.preset, cfg.spacing, cache_dir, log=log)
+
+    torch.manual_seed(cfg.seed)
+    model = GVSL(width=cfg.width).to(device)
+    if cfg.init:
+        from .checkpoint import load_model
+        init = load_model(cfg.init)
+        model.load_state_dict(init.state_dict())
+        log(init.load_report.summary())
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    sampler = PairSampler(arrays, cfg.patch, seed=cfg.seed * 1000 + ddp.rank)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.seed * 1000 + ddp.rank + 1)
+
+    start_step = 0
+    last = run_dir / "checkpoints" / "last.pt"
+    metrics = MetricsLog(run_dir / "metrics.jsonl" if ddp.is_main else None)
+    if cfg.resume and last.exists():
+        ckpt = read_checkpoint(last)
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_step = int(ckpt["step"])
+        samplers = ckpt.get("sampler_states") or []
+        if ddp.rank < len(samplers):
+            sampler.set_state(samplers[ddp.rank])
+        metrics.truncate_after(start_step)
+        log(f"resumed {last} at step {start_step}")
+    if ddp.is_main:
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    net = ddp.wrap(model)
+    criterion = GVSLLoss(LossWeights(**cfg.weights))
+    clock = EtaClock(start_step, cfg.iters)
+    reporter.event("start", step=start_step, total=cfg.iters, run_dir=str(run_dir), device=str(device),
+                   world_size=ddp.world, volumes=len(report.used), skipped=report.skipped)
+
+    def payload(step: int) -> dict:
+        states = [sampler.state()]
+        if ddp.world > 1:
+            states = [None] * ddp.world
+            torch.distributed.all_gather_object(states, sampler.state())
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "pretrain",
+                "model": model.config, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
+                "config": asdict(cfg), "preprocessing": {"preset": cfg.preset, "spacing": cfg.spacing},
+                "sampler_states": states}
+
+    def save(step: int, periodic: bool):
+        data = payload(step)  # collective: every rank takes part
+        if ddp.is_main:
+            path = write_checkpoint(run_dir, data, step, periodic)
+            reporter.event("checkpoint", step=step, path=str(path))
+
+    step = start_step
+    stopped = False
+    terms = {}
+    with StopFlag() as stop:
+        model.train()
+        while step < cfg.iters:
+            t0 = time.perf_counter()
+            a_np, b_np = sampler.sample(cfg.batch)
+            a = torch.from_numpy(a_np).to(device, non_blocking=True)
+            b = torch.from_numpy(b_np).to(device, non_blocking=True)
+            with torch.no_grad():
+                if cfg.augment:
+                    a_input, a_target, b_input = augment_pair(a, b, generator=generator)
+                else:
+                    a_input, a_target, b_input = a, a, b
+            with autocast_context(device, cfg.amp):
+                output = net(a_input, b_input)
+            loss, terms = criterion(output, a_target)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            seconds = time.perf_counter() - t0
+            if step % cfg.log_every == 0 or step == cfg.iters or step == start_step + 1:
+                values = {k: float(v.detach()) for k, v in terms.items()}
+                values["total"] = float(loss.detach())
+                record = {"step": step, **values, "lr": optimizer.param_groups[0]["lr"],
+                          "seconds_per_step": seconds, "samples_per_s": cfg.batch * ddp.world / seconds}
+                metrics.write(record)
+                reporter.event("progress", step=step, total=cfg.iters, loss=values, eta_s=clock.eta(step),
+                               samples_per_s=record["samples_per_s"])
+            if ddp.any_flag(stop.requested):
+                stopped = True
+                break
+            if step % cfg.ckpt_every == 0 and step < cfg.iters:
+                save(step, periodic=True)
+    save(step, periodic=False)
+    checksums = ddp.parameter_checksums(model)
+    summary = {"step": step, "total": cfg.iters, "stopped": stopped, "run_dir": str(run_dir),
+               "checkpoint": str(last), "world_size": ddp.world, "rank_parameter_checksums": checksums,
+               "final_loss": {k: float(v.detach()) for k, v in terms.items()}}
+    reporter.event("done", **summary)
+    return summary

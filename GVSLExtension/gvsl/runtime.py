@@ -1,0 +1,232 @@
+"""What every long-running command shares: device choice, torchrun/DDP, stop signals,
+the progress protocol, metrics and atomic checkpoints with resume.
+
+Progress protocol (``--progress json``): one JSON object per line on stdout::
+
+    {"event": "start", "total": N, "step": s0, "run_dir": ..., "device": ...}
+    {"event": "progress", "step": s, "total": N, "loss": {...}, "eta_s": t}
+    {"event": "checkpoint", "step": s, "path": ...}
+    {"event": "done", "step": s, "stopped": bool, ...}
+    {"event": "error", "message": ...}
+
+The Slicer panel reads exactly this.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import save_atomic
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` prefers CUDA, then Apple MPS, then the CPU; an unavailable choice is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA GPU")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RuntimeError("--device mps was asked for, but Apple MPS is not available")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise RuntimeError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+class Distributed:
+    """torchrun's environment, if any: NCCL on GPUs, gloo on CPUs."""
+
+    def __init__(self, device_name: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1:
+            if device_name in ("auto", "cuda") and torch.cuda.is_available():
+                torch.cuda.set_device(self.local_rank)
+                self.device = torch.device("cuda", self.local_rank)
+                backend = "nccl"
+            else:
+                self.device = torch.device("cpu")
+                backend = "gloo"
+            if not dist.is_initialized():
+                dist.init_process_group(backend=backend)
+        else:
+            self.device = pick_device(device_name)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model):
+        if self.world == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def any_flag(self, flag: bool) -> bool:
+        """True on every rank if any rank's flag is set (stop requests reach rank 0 only)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def parameter_checksums(self, model) -> list:
+        """Per-rank sum of |parameters| (float64): equal on all ranks when in sync."""
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for p in model.parameters():
+            total += p.detach().double().abs().sum()
+        if self.world == 1:
+            return [float(total)]
+        gathered = [torch.zeros_like(total) for _ in range(self.world)]
+        dist.all_gather(gathered, total)
+        return [float(g) for g in gathered]
+
+    def close(self):
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+class StopFlag:
+    """Ctrl-C / SIGTERM request a stop; the loop saves and exits 0 after the current step."""
+    # A second Ctrl-C aborts at once, for a user who does not want to wait for the save.
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        # SIGBREAK: what the Slicer panel's Stop sends on Windows (CTRL_BREAK_EVENT).
+        for sig in (signal.SIGINT, signal.SIGTERM) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ()):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (tests): no handler
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class Reporter:
+    """Progress on a terminal (tqdm on stderr) or as JSON lines on stdout; rank 0 only."""
+
+    def __init__(self, mode: str = "auto", enabled: bool = True):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "text"
+        self.mode = mode
+        self.enabled = enabled
+        self._bar = None
+        self._t0 = time.perf_counter()
+        self._last_text = 0.0
+
+    def event(self, name: str, **fields):
+        if not self.enabled:
+            return
+        if self.mode == "json":
+            sys.stdout.write(json.dumps({"event": name, **fields}, default=float) + "\n")
+            sys.stdout.flush()
+            return
+        if name == "progress":
+            self._progress_human(fields)
+        elif name == "error":
+            pass  # the command line prints the error itself
+        else:
+            if self._bar is not None and name == "done":
+                self._bar.close()
+                self._bar = None
+            detail = ", ".join(f"{k}={v}" for k, v in fields.items() if k not in ("loss",))
+            print(f"[{name}] {detail}", file=sys.stderr, flush=True)
+
+    def _progress_human(self, fields):
+        loss = " ".join(f"{k}={v:.4f}" for k, v in fields.get("loss", {}).items())
+        if self.mode == "bar":
+            if self._bar is None:
+                from tqdm import tqdm
+                self._bar = tqdm(total=fields["total"], initial=fields["step"] - 1, unit="step", file=sys.stderr)
+            self._bar.n = fields["step"]
+            self._bar.set_postfix_str(loss)
+            self._bar.refresh()
+        elif time.perf_counter() - self._last_text > 5 or fields["step"] == fields["total"]:
+            self._last_text = time.perf_counter()
+            print(f"step {fields['step']}/{fields['total']} {loss} eta {fields.get('eta_s', 0):.0f}s",
+                  file=sys.stderr, flush=True)
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to ``metrics.jsonl``."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path = path
+
+    def write(self, record: dict):
+        if self.path is None:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record, default=float) + "\n")
+
+    def truncate_after(self, step: int):
+        """On resume, drop lines logged after the checkpoint so the log has no repeats."""
+        if self.path is None or not self.path.exists():
+            return
+        kept = [ln for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+
+
+class EtaClock:
+    def __init__(self, start_step: int, total: int):
+        self.start_step, self.total = start_step, total
+        self.t0 = time.perf_counter()
+
+    def eta(self, step: int) -> float:
+        done = step - self.start_step
+        if done <= 0:
+            return float("nan")
+        return (time.perf_counter() - self.t0) / done * (self.total - step)
+
+
+def write_checkpoint(run_dir: Path, payload: dict, step: int, periodic: bool) -> Path:
+    ckpt_dir = run_dir / "checkpoints"
+    path = save_atomic(payload, ckpt_dir / "last.pt")
+    if periodic:
+        save_atomic(payload, ckpt_dir / f"step_{step:07d}.pt")
+    return path
+
+
+@contextmanager
+def error_events(reporter: Reporter):
+    """Report an exception as an ``error`` event (and re-raise for the exit status)."""
+    try:
+        yield
+    except Exception as exc:
+        reporter.event("error", message=str(exc) or type(exc).__name__, type=type(exc).__name__)
+        raise
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    if not enabled or device.type == "cpu":
+        return torch.autocast(device_type="cpu", enabled=False)
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)

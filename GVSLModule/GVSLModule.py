@@ -1,0 +1,540 @@
+"""GVSL: Geometric Visual Similarity Learning in 3D Slicer.
+
+A thin Qt panel over ``GVSLModuleLib.logic.GVSLLogic`` (MRML only) and the ``gvsl``
+engine. Long work runs in ``PythonSlicer -m gvsl ...`` child processes whose JSON events
+a ``qt.QTimer`` drains, so Slicer stays responsive.
+"""
+import logging
+import os
+import sys
+import tempfile
+from typing import Annotated
+
+import ctk
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode
+from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _ensure_engine_on_path():
+    """Installed, ``gvsl`` sits beside this file; in a source checkout it is in ../GVSLExtension."""
+    for candidate in (MODULE_DIR, os.path.join(MODULE_DIR, os.pardir, "GVSLExtension")):
+        candidate = os.path.normpath(candidate)
+        if os.path.isdir(os.path.join(candidate, "gvsl")) and candidate not in sys.path:
+            sys.path.insert(0, candidate)
+            return
+
+
+_ensure_engine_on_path()
+
+
+def resource_path(relative: str) -> str:
+    """Installed: <module>/Resources; source checkout: the repository's top-level Resources."""
+    for base in (os.path.join(MODULE_DIR, "Resources"), os.path.join(MODULE_DIR, os.pardir, "Resources")):
+        path = os.path.normpath(os.path.join(base, relative))
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(relative)
+
+
+#
+# GVSLModule
+#
+
+
+class GVSLModule(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("GVSL")
+        self.parent.categories = [_("Registration")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["GVSL for 3D Slicer developers"]
+        self.parent.helpText = _("""
+Pre-train, inspect and fine-tune 3D networks with Geometric Visual Similarity Learning.
+<b>Match pair</b> shows the network's affine and deformable correspondence as transforms, the
+warped volume, the Jacobian determinant and feature-similarity heatmaps. Pre-training and
+fine-tuning run in a background process. See the project README.
+""")
+        self.parent.acknowledgementText = _("""
+Method: Y. He, G. Yang, R. Ge, Y. Chen, J.-L. Coatrieux, B. Wang, S. Li.
+<i>Geometric Visual Similarity Learning in 3D Medical Image Self-supervised Pre-training</i>.
+CVPR 2023. Sample data: slicerio's CTChest4 and nilearn's MNI152 template.
+""")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def _write_sample_pair(folder):
+    """The shipped chest CT and a twin deformed by a known transform (no download)."""
+    import SimpleITK as sitk
+    from gvsl.samples import chest_ct, deformed_copy, random_deformation
+    ct, labels, _names = chest_ct()
+    twin, _ = deformed_copy(ct, labels, random_deformation(ct, seed=7))
+    paths = [os.path.join(folder, "GVSLChestCT.nrrd"), os.path.join(folder, "GVSLChestCTDeformed.nrrd")]
+    sitk.WriteImage(ct, paths[0])
+    sitk.WriteImage(twin, paths[1])
+    return paths
+
+
+def registerSampleData():
+    import SampleData
+
+    def load(source):
+        folder = os.path.join(slicer.app.cachePath, "GVSL")
+        os.makedirs(folder, exist_ok=True)
+        paths = _write_sample_pair(folder)
+        index = 0 if source.sampleName == "GVSLChestCT" else 1
+        return [slicer.util.loadVolume(paths[index])]
+
+    for name in ("GVSLChestCT", "GVSLChestCTDeformed"):
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category="GVSL", sampleName=name, thumbnailFileName=resource_path("Icons/GVSLModule.png"),
+            uris=None, fileNames=None, nodeNames=name, loadFileType="VolumeFile", customDownloader=load)
+
+
+#
+# Parameters
+#
+
+
+@parameterNodeWrapper
+class GVSLModuleParameterNode:
+    checkpointPath: str = ""
+    device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
+    fixedVolume: vtkMRMLScalarVolumeNode
+    movingVolume: vtkMRMLScalarVolumeNode
+    preset: Annotated[str, Choice(["auto", "ct", "mr"])] = "auto"
+    showTransformGrid: bool = False
+    queryIn: Annotated[str, Choice(["fixed", "moving"])] = "fixed"
+    heatmapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    pretrainDataFolder: str = ""
+    pretrainUseSceneVolumes: bool = False
+    pretrainOutputFolder: str = ""
+    pretrainPatch: Annotated[int, WithinRange(32, 256)] = 96
+    pretrainIterations: Annotated[int, WithinRange(1, 10000000)] = 10000
+    pretrainBatch: Annotated[int, WithinRange(1, 64)] = 1
+    pretrainWidth: Annotated[float, WithinRange(0.125, 2.0)] = 1.0
+    pretrainLearningRate: Annotated[float, WithinRange(0.0, 1.0)] = 0.0001
+    finetuneImagesFolder: str = ""
+    finetuneLabelsFolder: str = ""
+    finetuneClasses: str = ""
+    finetuneInit: str = ""
+    finetuneMode: Annotated[str, Choice(["full", "linear"])] = "full"
+    finetuneOutputFolder: str = ""
+    finetuneIterations: Annotated[int, WithinRange(1, 10000000)] = 2000
+    finetunePatch: Annotated[int, WithinRange(32, 256)] = 96
+    segmentVolume: vtkMRMLScalarVolumeNode
+    segmentCheckpoint: str = ""
+
+
+#
+# Widget
+#
+
+
+class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self.jobs = {}  # "match" | "pretrain" | "finetune" | "segment" -> (GVSLJob, on_done)
+        self.queryNode = None
+        self.lossTable = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(resource_path("UI/GVSLModule.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = GVSLModuleLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.matchButton.connect("clicked(bool)", self.onMatch)
+        self.ui.cancelMatchButton.connect("clicked(bool)", lambda: self.stopJob("match"))
+        self.ui.showGridCheckBox.connect("toggled(bool)", self.onShowGrid)
+        self.ui.heatmapOpacitySlider.connect("valueChanged(double)", self.onHeatmapOpacity)
+        self.ui.pretrainStartButton.connect("clicked(bool)", lambda: self.onPretrain(resume=False))
+        self.ui.pretrainResumeButton.connect("clicked(bool)", lambda: self.onPretrain(resume=True))
+        self.ui.pretrainStopButton.connect("clicked(bool)", lambda: self.stopJob("pretrain"))
+        self.ui.exportSceneSegmentationsButton.connect("clicked(bool)", self.onExportSceneSegmentations)
+        self.ui.finetuneStartButton.connect("clicked(bool)", lambda: self.onFinetune(resume=False))
+        self.ui.finetuneResumeButton.connect("clicked(bool)", lambda: self.onFinetune(resume=True))
+        self.ui.finetuneStopButton.connect("clicked(bool)", lambda: self.stopJob("finetune"))
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
+
+        self.pollTimer = qt.QTimer()
+        self.pollTimer.setInterval(200)
+        self.pollTimer.connect("timeout()", self.pollJobs)
+        self.heatmapTimer = qt.QTimer()  # coalesces drag events into one query
+        self.heatmapTimer.setSingleShot(True)
+        self.heatmapTimer.setInterval(30)
+        self.heatmapTimer.connect("timeout()", self.updateHeatmap)
+
+        self.ui.queryPointPlaceWidget.setMRMLScene(slicer.mrmlScene)
+        self.ui.queryPointPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
+        self.initializeParameterNode()
+        self.updateDeviceLabel()
+        self.updateButtons()
+
+    def cleanup(self):
+        self.removeObservers()
+        for name in list(self.jobs):
+            self.stopJob(name)
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.updateButtons()
+
+    def updateButtons(self, caller=None, event=None):
+        p = self._parameterNode
+        running = {name for name, (job, _) in self.jobs.items() if job.running}
+        ready = bool(p and p.fixedVolume and p.movingVolume and p.fixedVolume != p.movingVolume)
+        self.ui.matchButton.enabled = ready and "match" not in running
+        self.ui.cancelMatchButton.enabled = "match" in running
+        self.ui.pretrainStartButton.enabled = "pretrain" not in running
+        self.ui.pretrainResumeButton.enabled = "pretrain" not in running
+        self.ui.pretrainStopButton.enabled = "pretrain" in running
+        self.ui.finetuneStartButton.enabled = "finetune" not in running
+        self.ui.finetuneResumeButton.enabled = "finetune" not in running
+        self.ui.finetuneStopButton.enabled = "finetune" in running
+        self.ui.segmentButton.enabled = bool(p and p.segmentVolume and p.segmentCheckpoint) and "segment" not in running
+
+    # ------------------------------------------------------------ dependencies
+    def updateDeviceLabel(self):
+        from GVSLModuleLib import dependencies
+        if not dependencies.torch_available():
+            self.ui.deviceLabel.text = _("PyTorch is not installed: click Install")
+            return
+        import torch
+        found = ["cpu"] + (["cuda: " + torch.cuda.get_device_name(0)] if torch.cuda.is_available() else [])
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            found.append("mps")
+        self.ui.deviceLabel.text = _("Detected: ") + ", ".join(found)
+
+    def onInstallDependencies(self):
+        self.ensureDependencies(ask=True)
+
+    def ensureDependencies(self, ask=True) -> bool:
+        from GVSLModuleLib import dependencies
+        missing = dependencies.missing_packages()
+        need_torch = not dependencies.torch_available()
+        if not missing and not need_torch:
+            return True
+        what = (["torch (through the PyTorch extension)"] if need_torch else []) + missing
+        if ask and not slicer.util.confirmOkCancelDisplay(
+                _("GVSL needs these Python packages: ") + ", ".join(what) + _(". Install them now?")):
+            return False
+        if need_torch:
+            try:
+                import PyTorchUtils
+            except ImportError:
+                slicer.util.errorDisplay(_("Install the PyTorch extension from the Extension Manager first."))
+                return False
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+                return False
+        if missing:
+            slicer.util.pip_install(dependencies.pip_install_arguments(missing))
+        self.updateDeviceLabel()
+        return True
+
+    # --------------------------------------------------------------- match pair
+    def onMatch(self):
+        if not self.ensureDependencies():
+            return
+        p = self._parameterNode
+        job, folder = self.logic.core.matchJob(p.fixedVolume, p.movingVolume, p.checkpointPath or None, p.device,
+                                               p.preset)
+        fixed, moving = p.fixedVolume, p.movingVolume
+
+        def done():
+            result = self.logic.core.importMatchFolder(folder, fixed, moving)
+            slicer.util.setSliceViewerLayers(background=fixed, foreground=result.warpedVolumeNode,
+                                             foregroundOpacity=0.5, fit=True)
+            self.onShowGrid(self.ui.showGridCheckBox.checked)
+            m = result.metrics
+            self.ui.metricsLabel.text = (
+                f"local NCC {m['local_ncc_before']:.3f} -> affine {m['local_ncc_affine']:.3f} -> "
+                f"{m['local_ncc_after']:.3f}\nfolding {100 * m['folding_fraction']:.3f} %, Jacobian "
+                f"[{m['jacobian_min']:.2f}, {m['jacobian_max']:.2f}]\nworking grid {m['working_grid']['shape_dhw']} "
+                f"at {m['working_grid']['spacing_mm']:.2f} mm on {m['device']}")
+            self.ensureQueryNode()
+
+        self.startJob("match", job, self.ui.matchProgressBar, done)
+
+    def onShowGrid(self, show):
+        result = self.logic.core.lastMatch
+        if result is None:
+            return
+        for node in slicer.util.getNodesByClass("vtkMRMLGridTransformNode"):
+            if node.GetAttribute("GVSL.deformable"):
+                node.CreateDefaultDisplayNodes()
+                display = node.GetDisplayNode()
+                display.SetVisibility2D(bool(show))
+                display.SetVisualizationMode(display.VIS_MODE_GRID)
+
+    # ------------------------------------------------------------------ heatmap
+    def ensureQueryNode(self):
+        if self.queryNode is None or self.queryNode.GetScene() is None:
+            self.queryNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "GVSL query")
+            self.addObserver(self.queryNode, slicer.vtkMRMLMarkupsNode.PointModifiedEvent, self.onQueryMoved)
+            self.addObserver(self.queryNode, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onQueryMoved)
+        self.ui.queryPointPlaceWidget.setCurrentNode(self.queryNode)
+
+    def onQueryMoved(self, caller=None, event=None):
+        self.heatmapTimer.start()
+
+    def updateHeatmap(self):
+        p = self._parameterNode
+        if self.queryNode is None or self.queryNode.GetNumberOfDefinedControlPoints() == 0 or not p:
+            return
+        query_volume = p.fixedVolume if p.queryIn == "fixed" else p.movingVolume
+        target = p.movingVolume if p.queryIn == "fixed" else p.fixedVolume
+        point = [0.0, 0.0, 0.0]
+        self.queryNode.GetNthControlPointPositionWorld(0, point)
+        try:
+            heatmap, best = self.logic.core.similarityHeatmap(point, query_volume)
+        except Exception as exc:  # shown, not raised: this runs on every drag
+            self.ui.heatmapLabel.text = str(exc)
+            return
+        self.logic.core.updateBestMatchMarkup(best)
+        slicer.util.setSliceViewerLayers(background=target, foreground=heatmap,
+                                         foregroundOpacity=p.heatmapOpacity)
+        self.ui.heatmapLabel.text = (f"best match R {best[0]:.1f}, A {best[1]:.1f}, S {best[2]:.1f} "
+                                     f"(similarity {heatmap.GetAttribute('GVSL.bestSimilarity')})")
+
+    def onHeatmapOpacity(self, value):
+        slicer.util.setSliceViewerLayers(foregroundOpacity=value)
+
+    # ------------------------------------------------------------------ training
+    def onPretrain(self, resume=False):
+        if not self.ensureDependencies():
+            return
+        p = self._parameterNode
+        if not p.pretrainOutputFolder:
+            slicer.util.errorDisplay(_("Choose an output folder."))
+            return
+        data = p.pretrainDataFolder
+        if p.pretrainUseSceneVolumes:
+            volumes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+            data = self.logic.core.exportVolumes(volumes, os.path.join(p.pretrainOutputFolder, "scene_volumes"))
+        job = self.logic.core.pretrainJob(data, p.pretrainOutputFolder, p.pretrainPatch, p.pretrainIterations,
+                                          p.pretrainBatch, p.pretrainWidth, p.pretrainLearningRate, p.device, resume)
+        self.startLossCurve("GVSL pre-training loss")
+        self.startJob("pretrain", job, self.ui.pretrainProgressBar, None, self.ui.pretrainStatusLabel)
+
+    def onExportSceneSegmentations(self):
+        pairs = []
+        for seg in slicer.util.getNodesByClass("vtkMRMLSegmentationNode"):
+            ref = seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole())
+            if ref is not None and ref.IsA("vtkMRMLScalarVolumeNode"):
+                pairs.append((ref, seg))
+        if not pairs:
+            slicer.util.errorDisplay(_("No segmentation in the scene references a volume."))
+            return
+        folder = tempfile.mkdtemp(prefix="gvsl-labelled-")
+        images, labels, classes = self.logic.core.exportTrainingSet(pairs, folder)
+        p = self._parameterNode
+        p.finetuneImagesFolder, p.finetuneLabelsFolder, p.finetuneClasses = images, labels, ",".join(classes)
+
+    def onFinetune(self, resume=False):
+        if not self.ensureDependencies():
+            return
+        p = self._parameterNode
+        classes = [c.strip() for c in p.finetuneClasses.split(",") if c.strip()]
+        job = self.logic.core.finetuneJob(p.finetuneImagesFolder, p.finetuneLabelsFolder, p.finetuneOutputFolder,
+                                          classes, p.finetuneInit or "scratch", p.finetuneMode, p.finetunePatch,
+                                          p.finetuneIterations, device=p.device, resume=resume)
+        self.startLossCurve("GVSL fine-tuning loss")
+        best = os.path.join(p.finetuneOutputFolder, "checkpoints", "best.pt")
+
+        def done():
+            p.segmentCheckpoint = best
+
+        self.startJob("finetune", job, self.ui.finetuneProgressBar, done, self.ui.finetuneStatusLabel)
+
+    def onSegment(self):
+        import SimpleITK as sitk
+        from GVSLModuleLib.jobs import GVSLJob
+        p = self._parameterNode
+        folder = tempfile.mkdtemp(prefix="gvsl-segment-")
+        image_path = os.path.join(folder, "image.nrrd")
+        from GVSLModuleLib import mrml_io
+        sitk.WriteImage(mrml_io.volume_to_image(p.segmentVolume), image_path)
+        out = os.path.join(folder, "labels.nrrd")
+        job = GVSLJob(["segment", image_path, "--checkpoint", p.segmentCheckpoint, "--out", out, "--device", p.device])
+        volume = p.segmentVolume
+
+        def done():
+            classes = [line.split(" ", 1)[1] for line in open(os.path.join(folder, "labels_classes.txt")).read().splitlines()]
+            node = self.logic.core.labelmapToSegmentation(sitk.ReadImage(out), classes,
+                                                          f"{volume.GetName()} GVSL segmentation")
+            node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+
+        self.startJob("segment", job, self.ui.finetuneProgressBar, done, self.ui.finetuneStatusLabel)
+
+    # --------------------------------------------------------------------- jobs
+    def startJob(self, name, job, progressBar, onDone=None, statusLabel=None):
+        job.start()
+        job.progressBar, job.statusLabel = progressBar, statusLabel
+        progressBar.setValue(0)
+        self.jobs[name] = (job, onDone)
+        self.pollTimer.start()
+        self.updateButtons()
+
+    def stopJob(self, name):
+        if name in self.jobs:
+            job, _ = self.jobs[name]
+            job.stop(grace_s=5 if name in ("match", "segment") else 120)
+
+    def pollJobs(self):
+        for name, (job, onDone) in list(self.jobs.items()):
+            for event in job.poll():
+                kind = event.get("event")
+                if kind == "progress" and event.get("total"):
+                    job.progressBar.setValue(int(100 * event["step"] / event["total"]))
+                    if job.statusLabel is not None:
+                        eta = event.get("eta_s") or 0
+                        loss = ", ".join(f"{k} {v:.4f}" for k, v in event.get("loss", {}).items())
+                        job.statusLabel.text = f"step {event['step']}/{event['total']}  {loss}  ETA {eta / 60:.1f} min"
+                    if name in ("pretrain", "finetune") and event.get("loss"):
+                        self.appendLoss(event["step"], event["loss"])
+                elif kind == "validation" and job.statusLabel is not None:
+                    job.statusLabel.text = f"validation Dice {event['mean_dice']:.3f} at step {event['step']}"
+            if not job.running:
+                job.poll()
+                del self.jobs[name]
+                error = job.error_message()
+                if error and not job.stop_requested:
+                    slicer.util.errorDisplay(f"GVSL {name} failed:\n{error}")
+                elif job.returncode == 0 and onDone is not None and not job.stop_requested:
+                    try:
+                        onDone()
+                    except Exception as exc:
+                        logging.exception("GVSL")
+                        slicer.util.errorDisplay(f"GVSL {name}: {exc}")
+                job.progressBar.setValue(100 if job.returncode == 0 else 0)
+        if not self.jobs:
+            self.pollTimer.stop()
+        self.updateButtons()
+
+    def startLossCurve(self, title):
+        self.lossTable = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", title)
+        self.lossTable.AddColumn(vtk.vtkDoubleArray()).SetName("step")
+        self.lossTable.AddColumn(vtk.vtkDoubleArray()).SetName("loss")
+        series = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", title)
+        series.SetAndObserveTableNodeID(self.lossTable.GetID())
+        series.SetXColumnName("step")
+        series.SetYColumnName("loss")
+        series.SetPlotType(series.PlotTypeScatter)
+        chart = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotChartNode", title)
+        chart.AddAndObservePlotSeriesNodeID(series.GetID())
+        chart.SetXAxisTitle("step")
+        chart.SetYAxisTitle("loss")
+        slicer.modules.plots.logic().ShowChartInLayout(chart)
+
+    def appendLoss(self, step, losses):
+        if self.lossTable is None:
+            return
+        value = losses.get("total", next(iter(losses.values())))
+        table = self.lossTable.GetTable()
+        row = table.InsertNextBlankRow()
+        table.SetValue(row, 0, vtk.vtkVariant(float(step)))
+        table.SetValue(row, 1, vtk.vtkVariant(float(value)))
+        table.Modified()
+
+
+#
+# Logic
+#
+
+
+class GVSLModuleLogic(ScriptedLoadableModuleLogic):
+    """Slicer's logic wrapper: the parameter node, plus ``core``, the Qt-free
+    ``GVSLLogic`` on ``slicer.mrmlScene``."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        from GVSLModuleLib.logic import GVSLLogic
+        self.core = GVSLLogic(slicer.mrmlScene)
+
+    def getParameterNode(self):
+        return GVSLModuleParameterNode(super().getParameterNode())
+
+
+#
+# Test
+#
+
+
+class GVSLModuleTest(ScriptedLoadableModuleTest):
+    """Developer mode -> Reload and Test: Match pair on the sample CT and its deformed twin."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_match_pair_and_heatmap()
+
+    def test_match_pair_and_heatmap(self):
+        import numpy as np
+        self.delayDisplay("Loading the sample CT and its deformed twin")
+        folder = tempfile.mkdtemp(prefix="gvsl-test-")
+        fixed_path, moving_path = _write_sample_pair(folder)
+        fixed = slicer.util.loadVolume(moving_path)  # the deformed twin is the fixed image
+        moving = slicer.util.loadVolume(fixed_path)
+        logic = GVSLModuleLogic().core
+        self.delayDisplay("Match pair (CPU, the shipped demo model)")
+        result = logic.matchPair(fixed, moving, device="cpu")
+        self.assertIsNotNone(result.deformableTransformNode)
+        self.assertEqual(result.deformableTransformNode.GetParentTransformNode().GetID(),
+                         result.affineTransformNode.GetID())
+        self.assertGreaterEqual(result.metrics["local_ncc_after"], 0.0)
+        self.assertLess(result.metrics["folding_fraction"], 0.05)
+        again = logic.matchPair(fixed, moving, device="cpu")
+        self.assertEqual(again.warpedVolumeNode.GetID(), result.warpedVolumeNode.GetID())
+        centre = [0.0] * 6
+        fixed.GetRASBounds(centre)
+        point = [(centre[0] + centre[1]) / 2, (centre[2] + centre[3]) / 2, (centre[4] + centre[5]) / 2]
+        heatmap, best = logic.similarityHeatmap(point, fixed)
+        self.assertEqual(heatmap.GetImageData().GetDimensions(), moving.GetImageData().GetDimensions())
+        self.assertEqual(len(best), 3)
+        self.assertTrue(np.all(np.isfinite(best)))
+        self.delayDisplay("Test passed")

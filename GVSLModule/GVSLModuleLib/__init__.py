@@ -1,0 +1,1 @@
+"""GVSL Slicer module library: MRML adapters, logic and background jobs (no Qt)."""

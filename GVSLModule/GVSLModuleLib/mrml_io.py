@@ -1,0 +1,181 @@
+"""MRML <-> SimpleITK adapters. Imports only ``slicer`` (MRML), ``vtk``, numpy and
+``gvsl``; no Qt, so pytest drives it on slicer-core.
+
+Slicer stores geometry in RAS, ITK files and ``gvsl`` in LPS; the one conversion is
+``gvsl.conventions.LPS_TO_RAS``. Transforms keep ITK's resampling direction, which
+Slicer calls "transform from parent": a moving volume placed under them is aligned to
+the fixed one.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+
+from gvsl.conventions import LPS_TO_RAS, Grid
+
+FLIP4 = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS <-> RAS on homogeneous coordinates
+
+
+def _vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(array[r, c]))
+    return m
+
+
+def _np_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def ijk_to_ras(volume_node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(m)
+    return _np_matrix(m)
+
+
+def volume_to_image(volume_node) -> sitk.Image:
+    """A scalar volume node as a SimpleITK image with the same physical geometry (LPS).
+    A linear parent transform is applied to the geometry; a non-linear one is refused."""
+    if volume_node is None or volume_node.GetImageData() is None:
+        raise ValueError("the volume node holds no image data")
+    matrix = ijk_to_ras(volume_node)
+    parent = volume_node.GetParentTransformNode()
+    if parent is not None:
+        if not parent.IsTransformToWorldLinear():
+            raise ValueError(f"{volume_node.GetName()}: is under a non-linear transform; harden it first")
+        to_world = vtk.vtkMatrix4x4()
+        parent.GetMatrixTransformToWorld(to_world)
+        matrix = _np_matrix(to_world) @ matrix
+    lps = FLIP4 @ matrix
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    array = slicer.util.arrayFromVolume(volume_node)  # (K, J, I)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((lps[:3, :3] / spacing).ravel().tolist())
+    image.SetOrigin(lps[:3, 3].tolist())
+    return image
+
+
+def set_geometry(volume_node, grid: Grid):
+    lps = np.eye(4)
+    lps[:3, :3] = grid.direction_matrix @ np.diag(grid.spacing)
+    lps[:3, 3] = grid.origin
+    volume_node.SetIJKToRASMatrix(_vtk_matrix(FLIP4 @ lps))
+
+
+def update_volume_from_image(volume_node, image: sitk.Image):
+    """Copy voxels and geometry of a SimpleITK image into an existing volume node."""
+    slicer.util.updateVolumeFromArray(volume_node, sitk.GetArrayFromImage(image))
+    set_geometry(volume_node, Grid.of(image))
+    return volume_node
+
+
+def get_or_create(scene, class_name: str, name: str, key: str, tag: str):
+    """The node of ``class_name`` tagged ``GVSL.<tag> = key``, created if absent: running
+    again on the same pair updates nodes instead of adding new ones."""
+    for node in _nodes_of_class(scene, class_name):
+        if node.GetAttribute(f"GVSL.{tag}") == key:
+            node.SetName(name)
+            return node
+    node = scene.AddNewNodeByClass(class_name, name)
+    node.SetAttribute(f"GVSL.{tag}", key)
+    return node
+
+
+def _nodes_of_class(scene, class_name: str) -> List:
+    collection = scene.GetNodesByClass(class_name)
+    nodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+    return nodes
+
+
+def ensure_display(node):
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    return node.GetDisplayNode()
+
+
+# ----------------------------------------------------------------- transforms
+
+
+def set_linear_from_parent(transform_node, matrix_lps: np.ndarray):
+    """Store an ITK-convention (fixed -> moving, LPS) affine as the node's transform from parent."""
+    transform_node.SetMatrixTransformFromParent(_vtk_matrix(FLIP4 @ matrix_lps @ FLIP4))
+
+
+def set_grid_from_parent(transform_node, displacement_lps: sitk.Image):
+    """Store an ITK displacement field (LPS vectors, resampling direction) as the grid
+    transform node's transform from parent."""
+    grid = Grid.of(displacement_lps)
+    vectors = sitk.GetArrayFromImage(displacement_lps).astype(np.float64) * np.array([-1.0, -1.0, 1.0])
+    image_data = vtk.vtkImageData()
+    image_data.SetDimensions(*grid.size)
+    image_data.SetSpacing(*grid.spacing)
+    image_data.SetOrigin(*(LPS_TO_RAS @ np.asarray(grid.origin)))
+    from vtk.util import numpy_support
+    flat = np.ascontiguousarray(vectors.reshape(-1, 3))
+    array = numpy_support.numpy_to_vtk(flat, deep=True, array_type=vtk.VTK_DOUBLE)
+    array.SetNumberOfComponents(3)
+    image_data.GetPointData().SetScalars(array)
+    direction = vtk.vtkMatrix4x4()
+    ras_direction = LPS_TO_RAS @ grid.direction_matrix
+    for r in range(3):
+        for c in range(3):
+            direction.SetElement(r, c, float(ras_direction[r, c]))
+    grid_transform = slicer.vtkOrientedGridTransform()
+    grid_transform.SetDisplacementGridData(image_data)
+    grid_transform.SetGridDirectionMatrix(direction)
+    grid_transform.SetInterpolationModeToLinear()
+    transform_node.SetAndObserveTransformFromParent(grid_transform)
+
+
+def transform_points_from_world(transform_node, points_ras: np.ndarray) -> np.ndarray:
+    """Map world (fixed, RAS) points into the node's local (moving) coordinates."""
+    general = vtk.vtkGeneralTransform()
+    transform_node.GetTransformFromWorld(general)
+    return np.array([general.TransformPoint(*map(float, p)) for p in np.atleast_2d(points_ras)])
+
+
+# ---------------------------------------------------------------- segmentations
+
+
+def segmentation_to_labelmap(scene, segmentation_node, reference_volume_node) -> tuple:
+    """(label map as sitk image on the reference volume's grid, segment names in label order)."""
+    segmentation = segmentation_node.GetSegmentation()
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    names = [segmentation.GetSegment(i).GetName() for i in ids]
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__gvsl_temp__")
+    try:
+        id_array = vtk.vtkStringArray()
+        for i in ids:
+            id_array.InsertNextValue(i)
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation_node, id_array, labelmap, reference_volume_node)
+        if not ok:
+            raise ValueError(f"{segmentation_node.GetName()}: could not export segments to a label map")
+        image = volume_to_image(labelmap)
+    finally:
+        scene.RemoveNode(labelmap)
+    return sitk.Cast(image, sitk.sitkUInt8), names
+
+
+def labelmap_to_segmentation(scene, label_image: sitk.Image, names: Sequence[str], segmentation_node):
+    """Replace the segments of ``segmentation_node`` by the labels 1..K of ``label_image``,
+    named ``names[k-1]``."""
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__gvsl_temp__")
+    try:
+        update_volume_from_image(labelmap, sitk.Cast(label_image, sitk.sitkUInt8))
+        segmentation_node.GetSegmentation().RemoveAllSegments()
+        slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node)
+        segmentation = segmentation_node.GetSegmentation()
+        present = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(label_image)) if v > 0]
+        for index, label in enumerate(present):
+            segment = segmentation.GetSegment(segmentation.GetNthSegmentID(index))
+            segment.SetName(names[label - 1] if label - 1 < len(names) else f"label {label}")
+    finally:
+        scene.RemoveNode(labelmap)
+    return segmentation_node

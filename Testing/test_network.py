@@ -1,0 +1,166 @@
+"""The network, its Z-matching head and loading of official weights."""
+import io
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gvsl
+from gvsl.checkpoint import CheckpointError
+from gvsl.losses import GVSLLoss
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_gradients_reach_every_parameter_and_batch_gives_distinct_affines():
+    torch.manual_seed(0)
+    model = gvsl.GVSL(width=0.25)
+    a = torch.rand(2, 1, 32, 32, 32)
+    b = torch.rand(2, 1, 32, 32, 32)
+    out = model(a, b)
+    assert out.affine.shape == (2, 3, 4)
+    assert out.flow.shape == (2, 3, 32, 32, 32)
+    assert out.warped.shape == out.restored.shape == (2, 1, 32, 32, 32)
+    loss, terms = GVSLLoss()(out, a)
+    loss.backward()
+    starved = [n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    assert starved == []
+    for head in ("fc_rot", "fc_scl", "fc_trans", "fc_shear", "f_conv", "out_flow", "sp_conv", "res_conv", "unet"):
+        assert any(n.startswith(head) for n, _ in model.named_parameters())
+    assert not torch.allclose(out.affine[0], out.affine[1])
+
+
+def test_affine_head_is_bounded():
+    model = gvsl.GVSL(width=0.25)
+    with torch.no_grad():
+        for fc in (model.fc_rot, model.fc_scl, model.fc_trans, model.fc_shear):
+            fc.bias.fill_(50.0)
+        out = model(torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32), restore=False)
+    translation = out.affine[0, :, 3]
+    assert torch.all(translation.abs() <= 0.25 * 32 + 1e-4)
+    assert torch.isfinite(out.affine).all()
+
+
+def test_odd_sizes_are_padded_and_cropped_back():
+    model = gvsl.GVSL(width=0.25).eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 1, 20, 27, 33), torch.rand(1, 1, 20, 27, 33))
+    assert out.restored.shape == (1, 1, 20, 27, 33)
+    assert out.features_a.shape[2:] == (20, 27, 33)
+
+
+def official_state_dict(seed=0):
+    shapes = json.loads((DATA / "official_gvsl_state_dict_shapes.json").read_text())["state_dict"]
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        t = torch.randn(shape, generator=g) * 0.05
+        if key.endswith(".weight") and len(shape) == 1:  # GroupNorm scale
+            t = 1.0 + t
+        state[key] = t
+    return state
+
+
+def reference_official_restoration(state, x):
+    """The official UNet_base + res_conv forward, written out with functional ops from
+    the official code's layer order (Conv-GN-LReLU x2, maxpool, trilinear
+    align_corners=True upsampling, [skip, up] concatenation, pad to 16 and crop)."""
+    def double_conv(prefix, x):
+        for i in (0, 3):
+            w = state[f"{prefix}.double_conv.{i}.weight"]
+            x = F.conv3d(x, w, state[f"{prefix}.double_conv.{i}.bias"], padding=1)
+            x = F.group_norm(x, w.shape[0] // 8, state[f"{prefix}.double_conv.{i + 1}.weight"],
+                             state[f"{prefix}.double_conv.{i + 1}.bias"])
+            x = F.leaky_relu(x, 0.2)
+        return x
+
+    Z, Y, X = x.shape[2:]
+    dz, dy, dx = [(16 - s % 16) % 16 for s in (Z, Y, X)]
+    x = F.pad(x, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2, dz // 2, dz - dz // 2])
+    x1 = double_conv("unet.inc", x)
+    x2 = double_conv("unet.down1.maxpool_conv.1", F.max_pool3d(x1, 2))
+    x3 = double_conv("unet.down2.maxpool_conv.1", F.max_pool3d(x2, 2))
+    x4 = double_conv("unet.down3.maxpool_conv.1", F.max_pool3d(x3, 2))
+    x5 = double_conv("unet.down4.maxpool_conv.1", F.max_pool3d(x4, 2))
+    y = x5
+    for name, skip in (("up1", x4), ("up2", x3), ("up3", x2), ("up4", x1)):
+        y = F.interpolate(y, scale_factor=2, mode="trilinear", align_corners=True)
+        y = double_conv(f"unet.{name}.conv", torch.cat([skip, y], 1))
+    y = y[:, :, dz // 2:Z + dz // 2, dy // 2:Y + dy // 2, dx // 2:X + dx // 2]
+    r = F.conv3d(y, state["res_conv.0.weight"], state["res_conv.0.bias"], padding=1)
+    r = F.leaky_relu(F.group_norm(r, 4, state["res_conv.1.weight"], state["res_conv.1.bias"]), 0.2)
+    return F.conv3d(r, state["res_conv.3.weight"], state["res_conv.3.bias"])
+
+
+def test_official_weights_load_and_restoration_matches_official(tmp_path):
+    state = official_state_dict()
+    path = tmp_path / "GVSL_epoch_1000.pth"
+    torch.save(state, path)
+    model = gvsl.load_model(path)
+    assert model.load_report.source == "official"
+    assert model.load_report.random_init == []
+    assert model.width == 1.0
+    torch.manual_seed(1)
+    a = torch.rand(1, 1, 20, 24, 18)
+    with torch.no_grad():
+        ours = model(a, torch.rand_like(a)).restored
+        reference = reference_official_restoration(state, a)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_backbone_only_file_loads_and_reports_random_heads(tmp_path):
+    state = {k[len("unet."):]: v for k, v in official_state_dict().items() if k.startswith("unet.")}
+    path = tmp_path / "backbone.pth"
+    torch.save(state, path)
+    model = gvsl.load_model(path)
+    assert model.load_report.random_init and all(not k.startswith("unet.") for k in model.load_report.random_init)
+    assert "left at random init" in model.load_report.summary()
+
+
+def test_wrong_shape_and_foreign_files_give_clear_errors(tmp_path):
+    state = official_state_dict()
+    state["fc_rot.weight"] = torch.zeros(4, 256)
+    bad = tmp_path / "bad_shape.pth"
+    torch.save(state, bad)
+    with pytest.raises(CheckpointError, match=r"bad_shape.pth: wrong tensor shapes: fc_rot.weight"):
+        gvsl.load_model(bad)
+    foreign = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(3, 3)}, foreign)
+    with pytest.raises(CheckpointError, match="resnet.pth: .*not GVSL3D-UNet weights"):
+        gvsl.load_model(foreign)
+    text = tmp_path / "notes.pth"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match="notes.pth: not a PyTorch checkpoint"):
+        gvsl.load_model(text)
+
+
+class _Exploit:
+    def __reduce__(self):
+        import os
+        return (os.system, ("echo pwned > should_not_exist",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"unet.inc.double_conv.0.weight": torch.zeros(32, 1, 3, 3, 3), "payload": _Exploit()}, path)
+    with pytest.raises(CheckpointError, match="evil.pth: refused: the file needs arbitrary unpickling"):
+        gvsl.load_model(path)
+    assert not Path("should_not_exist").exists()
+
+
+def test_our_checkpoint_round_trip(tiny_model, tiny_checkpoint):
+    model = gvsl.load_model(tiny_checkpoint)
+    assert model.load_report.source == "gvsl" and model.load_report.random_init == []
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), tiny_model.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+
+
+def test_safetensors_weights_load(tmp_path, tiny_model):
+    from safetensors.torch import save_file
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(path))
+    model = gvsl.load_model(path)
+    assert model.width == 0.25
