@@ -10,7 +10,6 @@ import sys
 import tempfile
 from typing import Annotated
 
-import ctk
 import qt
 import slicer
 import vtk
@@ -84,6 +83,8 @@ def _write_sample_pair(folder):
 
 
 def registerSampleData():
+    """Two SampleData entries generated on the computer (customDownloader): nothing is
+    downloaded; the uri is a label SampleData requires but never fetches."""
     import SampleData
 
     def load(source):
@@ -91,12 +92,13 @@ def registerSampleData():
         os.makedirs(folder, exist_ok=True)
         paths = _write_sample_pair(folder)
         index = 0 if source.sampleName == "GVSLChestCT" else 1
-        return [slicer.util.loadVolume(paths[index])]
+        return [slicer.util.loadVolume(paths[index], {"name": source.sampleName})]
 
     for name in ("GVSLChestCT", "GVSLChestCTDeformed"):
         SampleData.SampleDataLogic.registerCustomSampleDataSource(
-            category="GVSL", sampleName=name, thumbnailFileName=resource_path("Icons/GVSLModule.png"),
-            uris=None, fileNames=None, nodeNames=name, loadFileType="VolumeFile", customDownloader=load)
+            category="GVSL", sampleName=name, uris=f"gvsl-generated:{name}", fileNames=f"{name}.nrrd",
+            nodeNames=name, thumbnailFileName=resource_path("Icons/GVSLModule.png"), loadFileType="VolumeFile",
+            customDownloader=load)
 
 
 #
@@ -191,8 +193,8 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.removeObservers()
-        for name in list(self.jobs):
-            self.stopJob(name)
+        for job, _ in self.jobs.values():
+            job.stop(grace_s=10)  # Slicer is closing: the child may save, then its tree goes
 
     def enter(self):
         self.initializeParameterNode()
@@ -418,10 +420,13 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.pollTimer.start()
         self.updateButtons()
 
+    # Seconds a child may take to save and exit after Stop before its process tree is killed.
+    STOP_GRACE_S = {"match": 2, "segment": 2, "pretrain": 120, "finetune": 120}
+
     def stopJob(self, name):
+        """Non-blocking: the poll timer watches the child exit (or kills it when overdue)."""
         if name in self.jobs:
-            job, _ = self.jobs[name]
-            job.stop(grace_s=5 if name in ("match", "segment") else 120)
+            self.jobs[name][0].request_stop()
 
     def pollJobs(self):
         for name, (job, onDone) in list(self.jobs.items()):
@@ -437,8 +442,10 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         self.appendLoss(event["step"], event["loss"])
                 elif kind == "validation" and job.statusLabel is not None:
                     job.statusLabel.text = f"validation Dice {event['mean_dice']:.3f} at step {event['step']}"
+            job.kill_if_overdue(self.STOP_GRACE_S.get(name, 60))
             if not job.running:
                 job.poll()
+                job.kill_tree()  # anything the child left in its process group
                 del self.jobs[name]
                 error = job.error_message()
                 if error and not job.stop_requested:

@@ -70,7 +70,6 @@ def test_displacement_warp_matches_simpleitk():
 
 def test_fused_field_equals_affine_after_local_warp():
     shape = (16, 20, 24)
-    volume = smooth_volume(shape, seed=3).double()
     affine = affine_from_parameters(torch.tensor([[0.05, 0.0, -0.05]]), torch.tensor([[1.0, 1.1, 0.9]]),
                                     torch.tensor([[0.5, 0.0, -1.0]]), torch.zeros(1, 6)).double()
     local = torch.randn((1, 3, 4, 5, 6), dtype=torch.float64)

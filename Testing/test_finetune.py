@@ -12,7 +12,7 @@ from gvsl.data import InputError
 from gvsl.finetune import FinetuneConfig, run_finetune
 from gvsl.metrics import dice_per_label
 from gvsl.samples import synthetic_volume
-from gvsl.segment import Segmenter, class_volumes_ml
+from gvsl.segment import class_volumes_ml
 
 CT_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -67,7 +67,6 @@ def test_linear_mode_freezes_backbone_and_trains_head(labelled, tmp_path, tiny_c
     ckpt = read_checkpoint(tmp_path / "lin" / "checkpoints" / "last.pt")
     for key, value in base.unet.state_dict().items():
         assert torch.equal(ckpt["state_dict"]["backbone." + key], value), key
-    from gvsl.network import SegmentationNet
     torch.manual_seed(0)
     assert ckpt["mode"] == "linear"
     # the head moved away from where a fresh run with the same seed starts

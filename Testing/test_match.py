@@ -188,3 +188,14 @@ def test_demo_runs_end_to_end(tmp_path):
     assert summary["landmark_error_mm"]["before"]["mean"] > 5
     for key in ("before", "after"):
         assert 0 <= summary["mean_dice"][key] <= 1
+
+
+def test_working_grid_defaults_to_the_models_training_grid(known_pair, rigged_model):
+    fixed, moving, _ = known_pair
+    rigged_model.checkpoint_meta = {"preprocessing": {"spacing": 3.0}, "config": {"patch": [32, 32, 32]}}
+    try:
+        result = match_pair(fixed, moving, rigged_model, device="cpu", preset="ct")
+    finally:
+        del rigged_model.checkpoint_meta
+    grid = result.metrics["working_grid"]
+    assert max(grid["shape_dhw"]) <= 32 and grid["spacing_mm"] >= 3.0

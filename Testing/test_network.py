@@ -1,7 +1,5 @@
 """The network, its Z-matching head and loading of official weights."""
-import io
 import json
-import pickle
 from pathlib import Path
 
 import pytest
@@ -39,9 +37,12 @@ def test_affine_head_is_bounded():
         for fc in (model.fc_rot, model.fc_scl, model.fc_trans, model.fc_shear):
             fc.bias.fill_(50.0)
         out = model(torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32), restore=False)
+    from gvsl.network import MAX_TRANSLATION_VOXELS
     translation = out.affine[0, :, 3]
-    assert torch.all(translation.abs() <= 0.25 * 32 + 1e-4)
+    assert torch.all(translation.abs() <= MAX_TRANSLATION_VOXELS + 1e-4)
     assert torch.isfinite(out.affine).all()
+    linear = out.affine[0, :, :3]
+    assert 0.75 ** 3 * 0.5 < float(torch.det(linear)) < 1.25 ** 3 * 2  # bounded scale and shear
 
 
 def test_odd_sizes_are_padded_and_cropped_back():
@@ -164,3 +165,18 @@ def test_safetensors_weights_load(tmp_path, tiny_model):
     save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(path))
     model = gvsl.load_model(path)
     assert model.width == 0.25
+
+
+def test_export_drops_optimizer_state_and_still_loads(tmp_path):
+    from gvsl.checkpoint import FORMAT, export_weights, read_checkpoint, save_atomic
+    tiny_model = gvsl.GVSL(width=0.25)
+    optimizer = torch.optim.Adam(tiny_model.parameters())
+    tiny_model(torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)).restored.mean().backward()
+    optimizer.step()
+    full = save_atomic({"format": FORMAT, "format_version": 1, "kind": "pretrain", "model": tiny_model.config,
+                        "state_dict": tiny_model.state_dict(), "optimizer": optimizer.state_dict(), "step": 3},
+                       tmp_path / "full.pt")
+    slim = export_weights(full, tmp_path / "slim.pt")
+    assert "optimizer" not in read_checkpoint(slim)
+    assert slim.stat().st_size < 0.6 * full.stat().st_size
+    assert gvsl.load_model(slim).load_report.random_init == []

@@ -1,18 +1,16 @@
 """Pre-training: learning, stop/resume, torchrun with gloo, progress protocol."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import SimpleITK as sitk
-import torch
 
 from conftest import json_events, run_gvsl, sigterm_after_progress
 from gvsl.checkpoint import read_checkpoint
-from gvsl.pretrain import PretrainConfig, RunDirError, run_pretrain
+from gvsl.pretrain import PretrainConfig, run_pretrain
+from gvsl.runtime import RunDirError
 from gvsl.samples import synthetic_volume
 
 

@@ -58,7 +58,11 @@ def test_kill_ends_the_whole_process_tree(phantom_folder, tmp_path):
     job = GVSLJob(pretrain_args(phantom_folder, tmp_path / "run", 500)).start()
     assert wait_for(job, lambda e: e.get("event") == "start") is not None
     group = os.getpgid(job.process.pid)
-    code = job.stop(grace_s=0.001)  # no time to save: falls through to killing the tree
+    job.request_stop()  # what the panel's Stop does: returns at once
+    assert job.stop_requested
+    time.sleep(0.01)
+    job.kill_if_overdue(grace_s=0.0)  # the poll timer, once the grace period is over
+    code = job.wait(timeout=60)
     assert code in (0, -signal.SIGKILL)
     with pytest.raises(ProcessLookupError):
         os.killpg(group, 0)

@@ -149,7 +149,7 @@ def test_import_from_child_process_folder_equals_in_process(matched, tmp_path, r
     assert np.all(np.isfinite(best_a))
 
 
-def test_segmentation_round_trip_keeps_names_and_voxels(scene):
+def test_segmentation_round_trip_keeps_names_and_voxels(scene, tmp_path):
     image, labels = synthetic_volume(size=(24, 26, 12), spacing=(1.5, 1.2, 2.5), direction=CT_DIRECTION, seed=2)
     volume = add_volume(scene, image, "image")
     logic = GVSLLogic(scene)
@@ -166,7 +166,7 @@ def test_segmentation_round_trip_keeps_names_and_voxels(scene):
     np.testing.assert_array_equal(remapped, sitk.GetArrayFromImage(labels))
     np.testing.assert_allclose(back.GetDirection(), image.GetDirection(), atol=1e-9)
 
-    images, label_dir, classes = logic.exportTrainingSet([(volume, seg)], tmp_dir := __import__("tempfile").mkdtemp())
+    images, label_dir, classes = logic.exportTrainingSet([(volume, seg)], tmp_path)
     assert classes == back_names
-    written = sitk.ReadImage(str(__import__("pathlib").Path(label_dir) / "case000.nrrd"))
+    written = sitk.ReadImage(str(tmp_path / "labels" / "case000.nrrd"))
     assert written.GetSize() == image.GetSize()

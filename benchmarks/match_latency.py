@@ -9,6 +9,7 @@ import argparse
 import resource
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,17 +54,23 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as tmp:
             result.save(tmp, report=False)
         s = result.metrics["seconds"]
+        centre = result.fixed_grid.physical_bounds_center()
+        result.heatmap(centre, on_image_grid=False)
+        t0 = time.perf_counter()
+        for k in range(10):
+            result.heatmap(centre + k, on_image_grid=False)
+        heat_ms = (time.perf_counter() - t0) / 10 * 1000
         shape = result.metrics["working_grid"]["shape_dhw"]
         x = torch.rand(1, 1, *shape, device=device)
         with torch.no_grad():
             flops = count_flops(lambda: model(x, x, restore=False))
         rows.append([f"{'x'.join(map(str, shape))}", f"{s['load_resample']:.3f}", f"{s['network']:.3f}",
                      f"{s['fields']:.3f}", f"{s['export']:.3f}", f"{flops / 1e9:.1f}",
-                     f"{flops / s['network'] / 1e9:.1f}"])
+                     f"{flops / s['network'] / 1e9:.1f}", f"{heat_ms:.1f}"])
     peak = matmul_gflops(device)
     print(f"device: {device_name(device)}; model width {model.width}; fp32 matmul {peak:.1f} GFLOP/s")
     print(markdown_table(["working grid", "load+resample s", "network s", "head+fields s", "export s",
-                          "network GFLOP", "network GFLOP/s"], rows))
+                          "network GFLOP", "network GFLOP/s", "heatmap query ms"], rows))
     if args.big:
         fixed = ct_on_grid(ct, (512, 512, 600), (0.75, 0.75, 0.6))
         moving, _ = deformed_copy(fixed, None, random_deformation(fixed, seed=2))

@@ -17,7 +17,7 @@ import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
@@ -55,6 +55,9 @@ def save_atomic(obj, path) -> Path:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -131,6 +134,16 @@ def load_state_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], path
         raise CheckpointError(f"{path}: holds no backbone ('unet.') weights")
     model.load_state_dict(state, strict=False)
     return LoadReport(str(path), source, loaded=sorted(state), random_init=missing)
+
+
+def export_weights(source, target) -> Path:
+    """A checkpoint without optimizer and sampler state, for sharing and shipping."""
+    ckpt = read_checkpoint(source)
+    if ckpt["format"] != FORMAT:
+        raise CheckpointError(f"{source}: not one of our checkpoints")
+    keep = ("format", "format_version", "kind", "model", "state_dict", "step", "config", "preprocessing",
+            "classes", "mode", "init", "best_val_dice")
+    return save_atomic({k: v for k, v in ckpt.items() if k in keep}, target)
 
 
 def load_model(path, device="cpu"):

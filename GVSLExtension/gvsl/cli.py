@@ -1,4 +1,4 @@
-"""``gvsl pretrain | match | demo | finetune | segment`` (also ``python -m gvsl``)."""
+"""``gvsl pretrain | match | demo | finetune | segment | export`` (also ``python -m gvsl``)."""
 from __future__ import annotations
 
 import argparse
@@ -51,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="weights (default: the shipped demo model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--preset", default="auto", choices=["ct", "mr", "auto"])
-    p.add_argument("--spacing", type=float, default=1.0, help="working-grid spacing in mm")
-    p.add_argument("--max-size", type=int, default=128, help="cap on the working grid's longest side")
+    p.add_argument("--spacing", type=float, default=None,
+                   help="working-grid spacing in mm (default: the model's training spacing, else 1)")
+    p.add_argument("--max-size", type=int, default=None,
+                   help="cap on the working grid's longest side (default: the model's patch size, else 128)")
     p.add_argument("--points", default=None, help="CSV or JSON of LPS points (x,y,z[,image])")
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--save-state", action="store_true", help="also write state.npz (features) for heatmap queries")
@@ -78,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--width", type=float, default=None, help="width for --init scratch (default 1.0)")
     p.add_argument("--cache-dir", default=None)
+
+    p = sub.add_parser("export", help="copy a checkpoint without its optimizer state (to share or ship)")
+    p.add_argument("source")
+    p.add_argument("target")
 
     p = sub.add_parser("segment", help="segment a volume with a fine-tuned checkpoint")
     p.add_argument("image")
@@ -111,6 +117,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.command == "finetune":
             from .finetune import finetune_cli
             finetune_cli(args)
+        elif args.command == "export":
+            from .checkpoint import export_weights
+            print(export_weights(args.source, args.target))
         elif args.command == "segment":
             from .segment import segment_cli
             segment_cli(args)

@@ -229,19 +229,22 @@ def load_training_volumes(source, preset: str, spacing_mm: float, cache_dir, log
 
 
 class PairSampler:
-    """Random crops of two different volumes per sample; one RNG per rank."""
+    """Crops of two different volumes at the same relative position, so that both show
+    roughly the same anatomy (the official code used whole pre-cropped volumes); the
+    spatial augmentation then gives the Z-matching head its task. One RNG per rank."""
 
     def __init__(self, arrays: Sequence[np.ndarray], patch: Sequence[int], seed: int):
         self.arrays = list(arrays)
         self.patch = tuple(int(p) for p in patch)
         self.rng = np.random.default_rng(seed)
 
-    def crop(self, array: np.ndarray) -> np.ndarray:
+    def crop(self, array: np.ndarray, position: Sequence[float]) -> np.ndarray:
+        """The patch at relative ``position`` (0..1 per axis) of ``array``."""
         out = np.zeros(self.patch, dtype=np.float32)
-        starts, src, dst = [], [], []
-        for size, p in zip(array.shape, self.patch):
+        src, dst = [], []
+        for size, p, u in zip(array.shape, self.patch, position):
             if size >= p:
-                s = int(self.rng.integers(0, size - p + 1))
+                s = int(round(u * (size - p)))
                 src.append(slice(s, s + p))
                 dst.append(slice(0, p))
             else:  # smaller than the patch: centre it, pad with background (0)
@@ -256,8 +259,9 @@ class PairSampler:
         a, b = [], []
         for _ in range(batch):
             i, j = self.rng.choice(len(self.arrays), size=2, replace=False)
-            a.append(self.crop(self.arrays[i]))
-            b.append(self.crop(self.arrays[j]))
+            position = self.rng.random(3)
+            a.append(self.crop(self.arrays[i], position))
+            b.append(self.crop(self.arrays[j], position))
         return np.stack(a)[:, None], np.stack(b)[:, None]
 
     def state(self) -> dict:

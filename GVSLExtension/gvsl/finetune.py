@@ -14,19 +14,19 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .checkpoint import FORMAT, FORMAT_VERSION, read_checkpoint, save_atomic
+from .checkpoint import FORMAT, FORMAT_VERSION, save_atomic
 from .conventions import Grid
 from .data import InputError, find_volumes, fitting_grid, normalized_image, read_image, resample_to
 from .metrics import dice_per_label
 from .network import GVSL, SegmentationNet
 from .runtime import (Distributed, EtaClock, MetricsLog, Reporter, StopFlag, autocast_context, error_events,
-                      write_checkpoint)
+                      gather_sampler_states, prepare_run_dir, resume_state, write_checkpoint)
 
 
 @dataclass
@@ -245,12 +245,8 @@ def _load_cases(pairs, cfg, num_classes, cache_dir):
 
 def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
     device = ddp.device
-    run_dir = Path(cfg.out)
+    run_dir = prepare_run_dir(cfg.out, cfg.resume, ddp.is_main)
     last = run_dir / "checkpoints" / "last.pt"
-    if last.exists() and not cfg.resume:
-        raise InputError(f"{run_dir}: already holds a run (checkpoints/last.pt); pass --resume or a new --out")
-    if ddp.is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     log = (lambda msg: reporter.event("log", message=msg)) if ddp.is_main else (lambda msg: None)
     cache_dir = cfg.cache_dir or str(run_dir / "cache")
 
@@ -281,16 +277,9 @@ def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
     metrics = MetricsLog(run_dir / "metrics.jsonl" if ddp.is_main else None)
     start_step, best_dice = 0, -1.0
     if cfg.resume and last.exists():
-        ckpt = read_checkpoint(last)
-        model.load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = resume_state(run_dir, model, optimizer, sampler, ddp, metrics, log)
         start_step = int(ckpt["step"])
         best_dice = float(ckpt.get("best_val_dice", -1.0))
-        states = ckpt.get("sampler_states") or []
-        if ddp.rank < len(states):
-            sampler.set_state(states[ddp.rank])
-        metrics.truncate_after(start_step)
-        log(f"resumed {last} at step {start_step}")
     if ddp.is_main:
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
@@ -301,10 +290,7 @@ def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
                      "patch": list(cfg.patch)}
 
     def payload(step, best):
-        states = [sampler.state()]
-        if ddp.world > 1:
-            states = [None] * ddp.world
-            torch.distributed.all_gather_object(states, sampler.state())
+        states = gather_sampler_states(ddp, sampler)
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "finetune", "model": model.config,
                 "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                 "classes": classes, "mode": cfg.mode, "init": cfg.init, "preprocessing": preprocessing,

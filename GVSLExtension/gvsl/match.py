@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -46,6 +46,15 @@ def _as_image(image: ImageLike, name: str) -> sitk.Image:
 def default_checkpoint() -> Path:
     """The small GVSL model this project pre-trained and ships (see assets/MODEL_CARD.md)."""
     return Path(__file__).parent / "assets" / "gvsl_demo_w025.pt"
+
+
+def training_grid(model) -> dict:
+    """Spacing (mm) and largest patch side the model was pre-trained with, if recorded."""
+    meta = getattr(model, "checkpoint_meta", None) or {}
+    config = meta.get("config") or {}
+    spacing = (meta.get("preprocessing") or {}).get("spacing")
+    patch = config.get("patch")
+    return {"spacing": float(spacing) if spacing else 1.0, "max_size": int(max(patch)) if patch else 128}
 
 
 def _voxel_points(grid: Grid, d_start: int, d_stop: int) -> torch.Tensor:
@@ -204,10 +213,14 @@ def foreground_mask(normalized: np.ndarray) -> np.ndarray:
 
 
 def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "auto", preset: str = "auto",
-               spacing_mm: float = 1.0, max_size: int = 128,
+               spacing_mm: Optional[float] = None, max_size: Optional[int] = None,
                max_field_voxels: int = DEFAULT_MAX_FIELD_VOXELS, progress=None) -> MatchResult:
     """Match ``moving`` onto ``fixed`` (SimpleITK images or file paths) with a GVSL model
-    (a module, a checkpoint path, or None for the shipped demo model)."""
+    (a module, a checkpoint path, or None for the shipped demo model).
+
+    ``spacing_mm`` and ``max_size`` default to the grid the model was trained on (its
+    checkpoint's spacing and patch size), so the network sees what it learned from; for
+    weights without that record (the official ones) they default to 1 mm and 128."""
     from .checkpoint import load_model
     from .runtime import autocast_context, pick_device
 
@@ -221,6 +234,9 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
         path = model or default_checkpoint()
         model = load_model(path)
     model = model.to(dev).eval()
+    trained = training_grid(model)
+    spacing_mm = trained["spacing"] if spacing_mm is None else spacing_mm
+    max_size = trained["max_size"] if max_size is None else max_size
     fixed_norm, fixed_preset = normalized_image(fixed_image, preset)
     moving_norm, moving_preset = normalized_image(moving_image, preset)
     fixed_grid, moving_grid = fitting_grid([fixed_image, moving_image], spacing_mm, max_size)

@@ -8,8 +8,7 @@ are. Axes, coordinates and field directions are those of :mod:`gvsl.conventions`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
@@ -22,8 +21,10 @@ OFFICIAL_CHANNELS = (32, 64, 128, 256, 512, 256, 128, 64, 32)
 MAX_ROTATION = math.pi / 9
 MAX_SCALE_CHANGE = 0.25
 MAX_SHEAR = math.pi / 18
-# The official translation was unbounded; we bound it to a fraction of the grid size.
-MAX_TRANSLATION_FRACTION = 0.25
+# The official translation was unbounded. Bounded here in voxels (a quarter of a 128 grid),
+# not as a fraction of the grid, so that a model trained on patches means the same
+# translation on a larger working grid.
+MAX_TRANSLATION_VOXELS = 32.0
 
 
 def scaled_channels(width: float) -> Tuple[int, ...]:
@@ -194,15 +195,16 @@ class GVSL(nn.Module):
     def config(self) -> dict:
         return {"width": self.width, "in_channels": self.unet.inc.double_conv[0].in_channels}
 
-    def predict_affine(self, global_moving, global_fixed, shape) -> torch.Tensor:
+    def predict_affine(self, global_moving, global_fixed) -> torch.Tensor:
         x = self.f_conv(torch.cat([global_moving, global_fixed], dim=1))
-        pooled = x.mean(dim=(2, 3, 4))
-        rotation = torch.clamp(self.fc_rot(pooled), -1, 1) * MAX_ROTATION
-        scale = torch.clamp(self.fc_scl(pooled), -1, 1) * MAX_SCALE_CHANGE + 1
-        shear = torch.clamp(self.fc_shear(pooled), -1, 1) * MAX_SHEAR
-        extent = torch.tensor(list(shape), dtype=pooled.dtype, device=pooled.device)
-        translation = torch.clamp(self.fc_trans(pooled), -1, 1) * MAX_TRANSLATION_FRACTION * extent
-        return affine_from_parameters(rotation.float(), scale.float(), translation.float(), shear.float())
+        pooled = x.mean(dim=(2, 3, 4)).float()
+        # tanh keeps the official bounds, but unlike the official clamp it never stops the
+        # gradient: a clamped head that overshoots its bound once stays stuck there.
+        rotation = torch.tanh(self.fc_rot(pooled)) * MAX_ROTATION
+        scale = torch.tanh(self.fc_scl(pooled)) * MAX_SCALE_CHANGE + 1
+        shear = torch.tanh(self.fc_shear(pooled)) * MAX_SHEAR
+        translation = torch.tanh(self.fc_trans(pooled)) * MAX_TRANSLATION_VOXELS
+        return affine_from_parameters(rotation, scale, translation, shear)
 
     def restore(self, local_features):
         return self.res_conv(local_features)
@@ -216,7 +218,7 @@ class GVSL(nn.Module):
         global_a, global_b = global_feats[:n], global_feats[n:]
         local_a, local_b = local_feats[:n], local_feats[n:]
 
-        affine = self.predict_affine(global_b, global_a, shape)
+        affine = self.predict_affine(global_b, global_a)
         affine_flow = affine_to_flow(affine, shape)
         aligned_local_b = warp(local_b, affine_flow.to(local_b.dtype))
         local_flow = self.out_flow(self.sp_conv(torch.cat([aligned_local_b, local_a], dim=1))).float()

@@ -4,18 +4,17 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import List, Optional
 
 import torch
 
 from .augment import augment_pair
-from .checkpoint import FORMAT, FORMAT_VERSION, read_checkpoint
+from .checkpoint import FORMAT, FORMAT_VERSION
 from .data import PairSampler, load_training_volumes
 from .losses import GVSLLoss, LossWeights
 from .network import GVSL
 from .runtime import (Distributed, EtaClock, MetricsLog, Reporter, StopFlag, autocast_context,
-                      error_events, write_checkpoint)
+                      error_events, gather_sampler_states, prepare_run_dir, resume_state, write_checkpoint)
 
 
 @dataclass
@@ -41,21 +40,6 @@ class PretrainConfig:
     init: Optional[str] = None  # start from these weights (ours or official)
 
 
-class RunDirError(RuntimeError):
-    pass
-
-
-def _prepare_run_dir(cfg: PretrainConfig, is_main: bool) -> Path:
-    run_dir = Path(cfg.out)
-    last = run_dir / "checkpoints" / "last.pt"
-    if last.exists() and not cfg.resume:
-        raise RunDirError(f"{run_dir}: already holds a run (checkpoints/last.pt); pass --resume to "
-                          f"continue it or choose a new --out")
-    if is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
 def run_pretrain(cfg: PretrainConfig, progress: str = "auto") -> dict:
     """Run (or resume) pre-training; returns the final summary (also the ``done`` event)."""
     ddp = Distributed(cfg.device)
@@ -69,7 +53,7 @@ def run_pretrain(cfg: PretrainConfig, progress: str = "auto") -> dict:
 
 def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
     device = ddp.device
-    run_dir = _prepare_run_dir(cfg, ddp.is_main)
+    run_dir = prepare_run_dir(cfg.out, cfg.resume, ddp.is_main)
     cache_dir = cfg.cache_dir or str(run_dir / "cache")
     log = (lambda msg: reporter.event("log", message=msg)) if ddp.is_main else (lambda msg: None)
     arrays, report = load_training_volumes(cfg.data, cfg.preset, cfg.spacing, cache_dir, log=log)
@@ -91,17 +75,10 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
     last = run_dir / "checkpoints" / "last.pt"
     metrics = MetricsLog(run_dir / "metrics.jsonl" if ddp.is_main else None)
     if cfg.resume and last.exists():
-        ckpt = read_checkpoint(last)
-        model.load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = resume_state(run_dir, model, optimizer, sampler, ddp, metrics, log)
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_step = int(ckpt["step"])
-        samplers = ckpt.get("sampler_states") or []
-        if ddp.rank < len(samplers):
-            sampler.set_state(samplers[ddp.rank])
-        metrics.truncate_after(start_step)
-        log(f"resumed {last} at step {start_step}")
     if ddp.is_main:
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
@@ -112,10 +89,7 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
                    world_size=ddp.world, volumes=len(report.used), skipped=report.skipped)
 
     def payload(step: int) -> dict:
-        states = [sampler.state()]
-        if ddp.world > 1:
-            states = [None] * ddp.world
-            torch.distributed.all_gather_object(states, sampler.state())
+        states = gather_sampler_states(ddp, sampler)
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "pretrain",
                 "model": model.config, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,

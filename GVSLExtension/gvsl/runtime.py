@@ -207,6 +207,46 @@ class EtaClock:
         return (time.perf_counter() - self.t0) / done * (self.total - step)
 
 
+class RunDirError(RuntimeError):
+    pass
+
+
+def prepare_run_dir(out, resume: bool, is_main: bool) -> Path:
+    """The run folder; an existing run is only continued with ``--resume``, never overwritten."""
+    run_dir = Path(out)
+    if (run_dir / "checkpoints" / "last.pt").exists() and not resume:
+        raise RunDirError(f"{run_dir}: already holds a run (checkpoints/last.pt); pass --resume to "
+                          f"continue it or choose a new --out")
+    if is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def gather_sampler_states(ddp: "Distributed", sampler) -> list:
+    """Every rank's sampler RNG state (collective under torchrun)."""
+    if ddp.world == 1:
+        return [sampler.state()]
+    states = [None] * ddp.world
+    dist.all_gather_object(states, sampler.state())
+    return states
+
+
+def resume_state(run_dir: Path, model, optimizer, sampler, ddp: "Distributed", metrics: "MetricsLog", log):
+    """Load ``last.pt`` into model, optimizer and this rank's sampler; returns the checkpoint
+    dict (its ``step`` is where training continues)."""
+    from .checkpoint import read_checkpoint
+    last = run_dir / "checkpoints" / "last.pt"
+    ckpt = read_checkpoint(last)
+    model.load_state_dict(ckpt["state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    states = ckpt.get("sampler_states") or []
+    if ddp.rank < len(states):
+        sampler.set_state(states[ddp.rank])
+    metrics.truncate_after(int(ckpt["step"]))
+    log(f"resumed {last} at step {int(ckpt['step'])}")
+    return ckpt
+
+
 def write_checkpoint(run_dir: Path, payload: dict, step: int, periodic: bool) -> Path:
     ckpt_dir = run_dir / "checkpoints"
     path = save_atomic(payload, ckpt_dir / "last.pt")

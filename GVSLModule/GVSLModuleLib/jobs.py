@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -49,6 +50,7 @@ class GVSLJob:
         self.stderr_tail: deque = deque(maxlen=60)
         self._threads: List[threading.Thread] = []
         self.stop_requested = False
+        self._stop_time = 0.0
 
     # ----------------------------------------------------------------- control
     def start(self) -> "GVSLJob":
@@ -106,16 +108,30 @@ class GVSLJob:
             thread.join(timeout=5)
         return code
 
+    def request_stop(self):
+        """Ask the child to save and exit, without waiting (what the GUI calls)."""
+        if not self.running or self.stop_requested:
+            return
+        self.stop_requested = True
+        self._stop_time = time.monotonic()
+        if os.name == "nt":
+            self.process.send_signal(signal.CTRL_BREAK_EVENT)
+        else:
+            self.process.send_signal(signal.SIGTERM)
+
+    def kill_if_overdue(self, grace_s: float) -> bool:
+        """Kill the process tree if a requested stop has not ended it within ``grace_s``."""
+        if self.stop_requested and self.running and time.monotonic() - self._stop_time > grace_s:
+            self.kill_tree()
+            return True
+        return False
+
     def stop(self, grace_s: float = 60.0) -> int:
-        """Ask the child to save and exit; kill its process tree if it does not."""
+        """Ask the child to save and exit; kill its process tree if it does not (blocking)."""
         if not self.running:
             return self.returncode
-        self.stop_requested = True
+        self.request_stop()
         try:
-            if os.name == "nt":
-                self.process.send_signal(signal.CTRL_BREAK_EVENT)
-            else:
-                self.process.send_signal(signal.SIGTERM)
             return self.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             self.kill_tree()

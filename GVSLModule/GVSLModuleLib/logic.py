@@ -10,16 +10,14 @@ Transforms created by Match pair (see ``gvsl.conventions`` for directions):
 """
 from __future__ import annotations
 
-import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
-import gvsl
 from gvsl.conventions import Grid, lps_to_ras, ras_to_lps
 from gvsl.match import MatchResult, match_pair
 
@@ -29,6 +27,9 @@ from .jobs import GVSLJob
 # Slicer's ColdToHotRainbow table; a bare MRML scene (slicer-core) only has the built-in Rainbow.
 HEATMAP_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileColdToHotRainbow.txt", "vtkMRMLColorTableNodeRainbow")
 MAX_RESIDUAL_FIELD_VOXELS = 1 << 22  # 4 M voxels: the grid transform stays light in Slicer
+# Above this many voxels the heatmap stays on the (physical, coarser) working grid, so
+# that dragging the query point stays interactive on full-resolution CTs.
+MAX_HEATMAP_IMAGE_VOXELS = 1 << 24
 
 
 @dataclass
@@ -142,7 +143,8 @@ class GVSLLogic:
     def similarityHeatmap(self, pointRAS, queryVolumeNode, heatmapNode=None):
         """Cosine similarity of the feature at ``pointRAS`` of ``queryVolumeNode`` with every
         voxel of the other volume of the last matched pair. Returns
-        ``(heatmapVolumeNode, bestMatchRAS)``; the node has the other volume's geometry."""
+        ``(heatmapVolumeNode, bestMatchRAS)``; the node has the other volume's geometry
+        (its working grid's for volumes above ``MAX_HEATMAP_IMAGE_VOXELS``)."""
         self._require_match()
         last = self.lastMatch
         if queryVolumeNode.GetID() == last.fixedNodeID:
@@ -151,7 +153,9 @@ class GVSLLogic:
             source, target_id = "moving", last.fixedNodeID
         else:
             raise ValueError(f"{queryVolumeNode.GetName()} is not part of the last matched pair")
-        image, best_lps, score = last.result.heatmap(ras_to_lps(pointRAS), source)
+        target_image = last.result.moving if source == "fixed" else last.result.fixed
+        on_image_grid = int(np.prod(target_image.GetSize())) <= MAX_HEATMAP_IMAGE_VOXELS
+        image, best_lps, score = last.result.heatmap(ras_to_lps(pointRAS), source, on_image_grid=on_image_grid)
         if heatmapNode is None:
             heatmapNode = mrml_io.get_or_create(self.scene, "vtkMRMLScalarVolumeNode", "GVSL similarity heatmap",
                                                 "heatmap", "heatmap")

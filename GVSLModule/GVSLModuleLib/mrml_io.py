@@ -8,7 +8,7 @@ the fixed one.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import SimpleITK as sitk

@@ -5,7 +5,6 @@ deformable transform's grid (Slicer's 2D transform visualisation) and a heatmap.
     python Resources/Screenshots/render_screenshots.py [--checkpoint CKPT]
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
