@@ -188,6 +188,10 @@ def test_demo_runs_end_to_end(tmp_path):
     assert summary["landmark_error_mm"]["before"]["mean"] > 5
     for key in ("before", "after"):
         assert 0 <= summary["mean_dice"][key] <= 1
+    # the shipped model must help on its own demo (figures in its model card)
+    assert summary["landmark_error_mm"]["after"]["mean"] < summary["landmark_error_mm"]["before"]["mean"]
+    assert summary["mean_dice"]["after"] > summary["mean_dice"]["before"]
+    assert summary["local_ncc"]["after"] > summary["local_ncc"]["before"]
 
 
 def test_working_grid_defaults_to_the_models_training_grid(known_pair, rigged_model):

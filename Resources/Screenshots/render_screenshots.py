@@ -123,7 +123,7 @@ def main(argv=None):
             u, v = view.ras_to_pixel(points)
             for line in lines:
                 axes[row, 2].plot(u[line], v[line], color="yellow", lw=0.6)
-        axes[row, 2].set_title("warped + deformable grid (Slicer's 2D transform view)")
+        axes[row, 2].set_title("warped + deformable grid")
     m = result.metrics
     fig.suptitle(f"GVSL Match pair in 3D Slicer's slice views — local NCC {m['local_ncc_before']:.3f} → "
                  f"{m['local_ncc_after']:.3f}, folding {100 * m['folding_fraction']:.2f} %")
