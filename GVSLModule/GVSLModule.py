@@ -404,7 +404,7 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume = p.segmentVolume
 
         def done():
-            classes = [line.split(" ", 1)[1] for line in open(os.path.join(folder, "labels_classes.txt")).read().splitlines()]
+            classes = [line.split(" ", 1)[1] for line in open(os.path.join(folder, "labels_classes.txt"), encoding="utf-8").read().splitlines()]
             node = self.logic.core.labelmapToSegmentation(sitk.ReadImage(out), classes,
                                                           f"{volume.GetName()} GVSL segmentation")
             node.SetReferenceImageGeometryParameterFromVolumeNode(volume)

@@ -45,9 +45,9 @@ def phantom_folder(tmp_path_factory):
 def run_gvsl(args, timeout=600, **kw):
     """``python -m gvsl ARGS`` in a child process; returns CompletedProcess."""
     import subprocess
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
     return subprocess.run([sys.executable, "-m", "gvsl", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, **kw)
+                          encoding="utf-8", errors="replace", timeout=timeout, env=env, **kw)
 
 
 def json_events(stdout):
@@ -67,9 +67,9 @@ def sigterm_after_progress(args, min_step=2, timeout=300):
     import signal
     import subprocess
     import time
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
     proc = subprocess.Popen([sys.executable, "-m", "gvsl", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", env=env)
     events = []
     deadline = time.time() + timeout
     for line in proc.stdout:

@@ -85,7 +85,7 @@ def test_list_file_and_dicom_series_folder(tmp_path):
     assert volume.GetSize() == image.GetSize()
     np.testing.assert_allclose(volume.GetSpacing(), (1.0, 1.0, 2.0), atol=1e-3)
     listing = tmp_path / "list.txt"
-    listing.write_text("# my volumes\ndicom\n")
+    listing.write_text("# my volumes\ndicom\n", encoding="utf-8")
     assert find_volumes(listing) == [str(tmp_path / "dicom")]
     assert read_image(find_volumes(listing)[0]).GetSize() == image.GetSize()
 

@@ -50,7 +50,7 @@ def config(labelled, out, **kw):
 
 def test_full_finetune_lowers_loss_and_keeps_best(labelled, tmp_path):
     summary = run_finetune(config(labelled, tmp_path / "run", iters=30), progress="text")
-    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     assert any("val_dice" in r for r in rows)

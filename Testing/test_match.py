@@ -118,11 +118,11 @@ def test_points_map_like_the_engine_within_half_a_voxel(matched):
 
 def test_metrics_and_files(matched, known_pair):
     result, files, out = matched
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     for key in ("local_ncc_before", "local_ncc_after", "folding_fraction", "working_grid", "seconds", "device"):
         assert key in metrics
     assert set(metrics["seconds"]) >= {"load_resample", "network", "fields", "export"}
-    points = json.loads((out / "points.json").read_text())
+    points = json.loads((out / "points.json").read_text(encoding="utf-8"))
     assert (out / points[0]["heatmap"]).exists()
     assert (out / "report.png").stat().st_size > 10000
 
@@ -174,8 +174,8 @@ def test_heatmap_of_a_point_against_its_own_image_peaks_there(rigged_model, know
 
 
 def test_points_file_formats(tmp_path):
-    (tmp_path / "p.csv").write_text("x,y,z,image\n1,2,3,fixed\n4,5,6,moving\n")
-    (tmp_path / "p.json").write_text(json.dumps([{"point": [1, 2, 3], "space": "RAS"}, [7, 8, 9]]))
+    (tmp_path / "p.csv").write_text("x,y,z,image\n1,2,3,fixed\n4,5,6,moving\n", encoding="utf-8")
+    (tmp_path / "p.json").write_text(json.dumps([{"point": [1, 2, 3], "space": "RAS"}, [7, 8, 9]]), encoding="utf-8")
     assert read_points(tmp_path / "p.csv") == [{"point": [1.0, 2.0, 3.0], "image": "fixed"},
                                               {"point": [4.0, 5.0, 6.0], "image": "moving"}]
     assert read_points(tmp_path / "p.json")[0]["point"] == [-1.0, -2.0, 3.0]

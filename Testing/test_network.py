@@ -54,7 +54,7 @@ def test_odd_sizes_are_padded_and_cropped_back():
 
 
 def official_state_dict(seed=0):
-    shapes = json.loads((DATA / "official_gvsl_state_dict_shapes.json").read_text())["state_dict"]
+    shapes = json.loads((DATA / "official_gvsl_state_dict_shapes.json").read_text(encoding="utf-8"))["state_dict"]
     g = torch.Generator().manual_seed(seed)
     state = {}
     for key, shape in shapes.items():
@@ -133,7 +133,7 @@ def test_wrong_shape_and_foreign_files_give_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="resnet.pth: .*not GVSL3D-UNet weights"):
         gvsl.load_model(foreign)
     text = tmp_path / "notes.pth"
-    text.write_text("hello")
+    text.write_text("hello", encoding="utf-8")
     with pytest.raises(CheckpointError, match="notes.pth: not a PyTorch checkpoint"):
         gvsl.load_model(text)
 

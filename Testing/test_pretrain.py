@@ -24,7 +24,7 @@ def pair_folder(tmp_path_factory):
 
 
 def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 def test_short_pretraining_lowers_ncc_loss(pair_folder, tmp_path):
@@ -39,7 +39,7 @@ def test_short_pretraining_lowers_ncc_loss(pair_folder, tmp_path):
     assert last < first - 0.02, (first, last)
     for key in ("ncc", "smooth", "mse", "total", "lr", "seconds_per_step", "samples_per_s"):
         assert key in rows[-1]
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))
     assert config["width"] == 0.25 and config["patch"] == [32, 32, 32]
     ckpt = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert ckpt["step"] == 40 and ckpt["optimizer"]["state"]
@@ -89,8 +89,9 @@ def test_two_rank_gloo_run_keeps_parameters_identical(phantom_folder, tmp_path):
            "pretrain", "--data", str(phantom_folder), "--out", str(tmp_path / "ddp"), "--patch", "32",
            "--iters", "3", "--width", "0.25", "--device", "cpu", "--progress", "json", "--log-every", "1",
            "--spacing", "1.5"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
+    result = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
+                            env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     done = [e for e in json_events(result.stdout) if e["event"] == "done"]
     assert len(done) == 1  # only rank 0 reports

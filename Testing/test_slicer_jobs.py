@@ -46,7 +46,7 @@ def test_progress_stop_and_resume(phantom_folder, tmp_path):
 
 def test_failing_child_surfaces_its_own_message(tmp_path):
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "scan.nrrd").write_text("garbage")
+    (tmp_path / "data" / "scan.nrrd").write_text("garbage", encoding="utf-8")
     job = GVSLJob(["pretrain", "--data", tmp_path / "data", "--out", tmp_path / "run", "--device", "cpu"]).start()
     assert job.wait(timeout=120) == 1
     message = job.error_message()
@@ -75,5 +75,5 @@ def test_dependency_install_pins_slicers_own_packages():
     assert any(p.startswith("SimpleITK==") for p in pins) and any(p.startswith("numpy==") for p in pins)
     args = pip_install_arguments(["monai>=1.3"])
     constraints = args.split("-c ")[1].strip().strip('"')
-    assert "SimpleITK==" in open(constraints).read()
+    assert "SimpleITK==" in open(constraints, encoding="utf-8").read()
     assert args.startswith("monai>=1.3")

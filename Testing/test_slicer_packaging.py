@@ -9,8 +9,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MODULE = REPO / "GVSLModule"
 ENGINE = REPO / "GVSLExtension" / "gvsl"
-CMAKE = (MODULE / "CMakeLists.txt").read_text()
-MODULE_SOURCE = (MODULE / "GVSLModule.py").read_text()
+CMAKE = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
+MODULE_SOURCE = (MODULE / "GVSLModule.py").read_text(encoding="utf-8")
 
 
 def cmake_list(name):
@@ -42,7 +42,7 @@ def test_every_resource_the_module_loads_is_listed_and_exists():
 def test_module_imports_only_listed_packages():
     allowed_local = {"GVSLModuleLib", "gvsl"}
     for path in [MODULE / "GVSLModule.py", *(MODULE / "GVSLModuleLib").glob("*.py")]:
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 top = node.module.split(".")[0]
@@ -53,11 +53,11 @@ def test_module_imports_only_listed_packages():
 
 def test_library_is_qt_free_and_engine_is_slicer_free():
     for path in (MODULE / "GVSLModuleLib").glob("*.py"):
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         assert not re.search(r"^\s*(import|from)\s+(qt|ctk)\b", text, re.M), path
         assert "slicer.app" not in text, path
     for path in ENGINE.rglob("*.py"):
-        assert not re.search(r"^\s*(import|from)\s+(slicer|qt|ctk|vtk)\b", path.read_text(), re.M), path
+        assert not re.search(r"^\s*(import|from)\s+(slicer|qt|ctk|vtk)\b", path.read_text(encoding="utf-8"), re.M), path
 
 
 # Qt classes a parameterNodeWrapper type binds to.
@@ -111,11 +111,11 @@ def test_ui_parameters_and_widget_names_agree():
 
 def test_catalog_entry_and_extension_metadata():
     entry_path = REPO / "Resources" / "ExtensionsIndex" / "GVSL.json"
-    entry = json.loads(entry_path.read_text())
+    entry = json.loads(entry_path.read_text(encoding="utf-8"))
     assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.2.json#")
     assert entry["build_dependencies"] == ["PyTorch"]
     assert entry["category"] and entry["scm_url"].endswith(".git")
-    top = (REPO / "CMakeLists.txt").read_text()
+    top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     project = re.search(r"project\((\w+)\)", top).group(1)
     assert entry_path.stem == project and not project.startswith("Slicer")
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",

@@ -45,8 +45,8 @@ def main(argv=None):
     split = {"train": (images[:-args.test], labels[:-args.test]), "test": (images[-args.test:], labels[-args.test:])}
     lists = {}
     for name, (imgs, labs) in split.items():
-        (out / f"{name}_images.txt").write_text("\n".join(map(str, imgs)) + "\n")
-        (out / f"{name}_labels.txt").write_text("\n".join(map(str, labs)) + "\n")
+        (out / f"{name}_images.txt").write_text("\n".join(map(str, imgs)) + "\n", encoding="utf-8")
+        (out / f"{name}_labels.txt").write_text("\n".join(map(str, labs)) + "\n", encoding="utf-8")
         lists[name] = (str(out / f"{name}_images.txt"), str(out / f"{name}_labels.txt"))
     classes = chest_ct()[2]
     from gvsl.checkpoint import load_model
@@ -75,7 +75,7 @@ def main(argv=None):
     print(f"\nDice (%) on {args.test} held-out cases; {len(split['train'][0])} training cases; {args.iters} iterations, "
           f"patch {args.patch}³ at {args.spacing} mm, width {width}, seed {args.seed}")
     print(markdown_table(header, rows))
-    (out / "transfer.json").write_text(json.dumps({f"{k[0]} {k[1]}": v[0] for k, v in results.items()}, indent=2))
+    (out / "transfer.json").write_text(json.dumps({f"{k[0]} {k[1]}": v[0] for k, v in results.items()}, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def find_volumes(source) -> List[str]:
         if is_volume_file(source):
             return [str(source)]
         found = []
-        for line in source.read_text().splitlines():
+        for line in source.read_text(encoding="utf-8").splitlines():
             line = line.split("#", 1)[0].strip()
             if line:
                 p = Path(line)

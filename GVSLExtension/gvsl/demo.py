@@ -92,7 +92,7 @@ def run_demo(out="gvsl-demo", checkpoint=None, device="auto", sample="ct", seed=
         "working_grid": m["working_grid"], "device": m["device"], "seconds": m["seconds"],
         "total_seconds": time.perf_counter() - t0, "files": files,
     }
-    (out / "demo.json").write_text(json.dumps(summary, indent=2))
+    (out / "demo.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     say(format_summary(summary, names))
     say(f"report: {files['report']}\nall results: {out}/ (open fixed.nii.gz, moving.nii.gz, displacement.nii.gz "
         f"as a transform and warped.nii.gz in 3D Slicer)")

@@ -281,7 +281,7 @@ def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
         start_step = int(ckpt["step"])
         best_dice = float(ckpt.get("best_val_dice", -1.0))
     if ddp.is_main:
-        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2), encoding="utf-8")
 
     from monai.losses import DiceCELoss
     criterion = DiceCELoss(to_onehot_y=True, softmax=True)

@@ -196,13 +196,13 @@ class MatchResult:
                             "similarity": score, "heatmap": path.name})
         if points:
             files["points"] = out / "points.json"
-            files["points"].write_text(json.dumps(answers, indent=2))
+            files["points"].write_text(json.dumps(answers, indent=2), encoding="utf-8")
         if report:
             from .report import match_report
             files["report"] = out / "report.png"
             match_report(self, answers, files["report"])
         self.metrics.setdefault("seconds", {})["export"] = time.perf_counter() - t0
-        files["metrics"].write_text(json.dumps(self.metrics, indent=2))
+        files["metrics"].write_text(json.dumps(self.metrics, indent=2), encoding="utf-8")
         return {k: str(v) for k, v in files.items()}
 
 
@@ -375,7 +375,7 @@ def read_points(path) -> List[dict]:
     points = []
     try:
         if path.suffix.lower() == ".json":
-            for item in json.loads(path.read_text()):
+            for item in json.loads(path.read_text(encoding="utf-8")):
                 if isinstance(item, (list, tuple)):
                     item = {"point": item}
                 p = np.asarray(item["point"], dtype=float)
@@ -383,7 +383,7 @@ def read_points(path) -> List[dict]:
                     p = ras_to_lps(p)
                 points.append({"point": p.tolist(), "image": item.get("image", "fixed")})
         else:
-            for row in csv.reader(path.read_text().splitlines()):
+            for row in csv.reader(path.read_text(encoding="utf-8").splitlines()):
                 if not row or row[0].strip().startswith("#"):
                     continue
                 try:

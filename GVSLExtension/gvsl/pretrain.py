@@ -80,7 +80,7 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
             scaler.load_state_dict(ckpt["scaler"])
         start_step = int(ckpt["step"])
     if ddp.is_main:
-        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2), encoding="utf-8")
 
     net = ddp.wrap(model)
     criterion = GVSLLoss(LossWeights(**cfg.weights))

@@ -183,16 +183,16 @@ class MetricsLog:
     def write(self, record: dict):
         if self.path is None:
             return
-        with open(self.path, "a") as handle:
+        with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, default=float) + "\n")
 
     def truncate_after(self, step: int):
         """On resume, drop lines logged after the checkpoint so the log has no repeats."""
         if self.path is None or not self.path.exists():
             return
-        kept = [ln for ln in self.path.read_text().splitlines()
+        kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
                 if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+        self.path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
 
 
 class EtaClock:

@@ -69,7 +69,7 @@ def segment_cli(args):
         out.parent.mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(labels, str(out))
         (out.parent / (out.name.split(".")[0] + "_classes.txt")).write_text(
-            "".join(f"{k + 1} {name}\n" for k, name in enumerate(segmenter.classes)))
+            "".join(f"{k + 1} {name}\n" for k, name in enumerate(segmenter.classes)), encoding="utf-8")
         volumes = class_volumes_ml(labels, segmenter.classes)
         print(f"{'label':>5}  {'class':28s} {'volume (mL)':>12}")
         for k, (name, ml) in enumerate(volumes.items(), start=1):

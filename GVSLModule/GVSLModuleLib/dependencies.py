@@ -38,6 +38,6 @@ def pip_install_arguments(requirements: List[str]) -> str:
     """The argument string for ``slicer.util.pip_install``: the requirements plus a
     constraints file that pins Slicer's own packages."""
     fd, path = tempfile.mkstemp(prefix="gvsl-constraints-", suffix=".txt")
-    with os.fdopen(fd, "w") as handle:
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write("\n".join(protected_constraints()) + "\n")
     return " ".join(f'"{r}"' if " " in r else r for r in requirements) + f' -c "{path}"'

@@ -44,6 +44,7 @@ class GVSLJob:
         parent = engine_parent_dir()
         self.env["PYTHONPATH"] = parent + (os.pathsep + self.env["PYTHONPATH"] if self.env.get("PYTHONPATH") else "")
         self.env["PYTHONUNBUFFERED"] = "1"
+        self.env["PYTHONIOENCODING"] = "utf-8"  # the child's messages may name non-ASCII files
         self.process: Optional[subprocess.Popen] = None
         self.events: "queue.Queue[dict]" = queue.Queue()
         self.history: List[dict] = []
@@ -61,7 +62,7 @@ class GVSLJob:
             kwargs["start_new_session"] = True  # its own process group: stop reaches the whole tree
         self.process = subprocess.Popen([self.python, "-m", "gvsl", *self.args], stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                                        env=self.env, bufsize=1, **kwargs)
+                                        encoding="utf-8", errors="replace", env=self.env, bufsize=1, **kwargs)
         for target, stream in ((self._read_stdout, self.process.stdout), (self._read_stderr, self.process.stderr)):
             thread = threading.Thread(target=target, args=(stream,), daemon=True)
             thread.start()
