@@ -193,7 +193,7 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.removeObservers()
-        for job, _ in self.jobs.values():
+        for job, _on_done in self.jobs.values():
             job.stop(grace_s=10)  # Slicer is closing: the child may save, then its tree goes
 
     def enter(self):
@@ -226,7 +226,7 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateButtons(self, caller=None, event=None):
         p = self._parameterNode
-        running = {name for name, (job, _) in self.jobs.items() if job.running}
+        running = {name for name, (job, _on_done) in self.jobs.items() if job.running}
         ready = bool(p and p.fixedVolume and p.movingVolume and p.fixedVolume != p.movingVolume)
         self.ui.matchButton.enabled = ready and "match" not in running
         self.ui.cancelMatchButton.enabled = "match" in running
