@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+LPS_TO_RAS_4X4 = np.diag([-1.0, -1.0, 1.0, 1.0])  # on homogeneous points and 4x4 matrices
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,14 @@ class Grid:
 
     def physical_to_voxel(self) -> np.ndarray:
         return np.linalg.inv(self.voxel_to_physical())
+
+    def physical_points(self, d_start: int = 0, d_stop: int = None) -> np.ndarray:
+        """LPS points (K, 3), float64, of the voxel centres with d in [d_start, d_stop), in
+        array (C) order."""
+        d_stop = self.shape[0] if d_stop is None else d_stop
+        axes = [np.arange(d_start, d_stop, dtype=np.float64)] + [np.arange(s, dtype=np.float64) for s in self.shape[1:]]
+        voxels = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+        return transform_points(self.voxel_to_physical(), voxels)
 
     def physical_bounds_center(self) -> np.ndarray:
         """LPS centre of the voxel-centre bounding box."""

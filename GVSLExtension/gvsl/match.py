@@ -58,13 +58,7 @@ def training_grid(model) -> dict:
 
 
 def _voxel_points(grid: Grid, d_start: int, d_stop: int) -> torch.Tensor:
-    """LPS points (K, 3), float64, of the voxels with d in [d_start, d_stop)."""
-    d = torch.arange(d_start, d_stop, dtype=torch.float64)
-    h = torch.arange(grid.shape[1], dtype=torch.float64)
-    w = torch.arange(grid.shape[2], dtype=torch.float64)
-    vox = torch.stack(torch.meshgrid(d, h, w, indexing="ij"), -1).reshape(-1, 3)
-    m = torch.from_numpy(grid.voxel_to_physical())
-    return vox @ m[:3, :3].T + m[:3, 3]
+    return torch.from_numpy(grid.physical_points(d_start, d_stop))
 
 
 @dataclass

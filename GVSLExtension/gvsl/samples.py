@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .conventions import Grid
+from .conventions import LPS_TO_RAS_4X4, Grid
 
 
 def chest_ct() -> Tuple[sitk.Image, sitk.Image, List[str]]:
@@ -68,7 +68,7 @@ def _nifti_to_sitk(nifti) -> sitk.Image:
     """nibabel image (RAS affine, array in i, j, k order) -> SimpleITK (LPS)."""
     array = np.asarray(nifti.get_fdata(), dtype=np.float32)
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ nifti.affine  # RAS -> LPS
+    affine = LPS_TO_RAS_4X4 @ nifti.affine  # nibabel's RAS -> LPS
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     image.SetSpacing(spacing.tolist())
     image.SetDirection((affine[:3, :3] / spacing).ravel().tolist())
@@ -84,8 +84,7 @@ def synthetic_volume(size=(48, 48, 40), spacing=(1.0, 1.0, 1.0), direction=None,
     rng = np.random.default_rng(seed)
     geometry = Grid(tuple(origin), tuple(spacing), tuple(np.eye(3).ravel() if direction is None else direction),
                     tuple(size))
-    vox = np.stack(np.meshgrid(*[np.arange(s) for s in geometry.shape], indexing="ij"), -1).reshape(-1, 3)
-    phys = vox @ geometry.voxel_to_physical()[:3, :3].T + geometry.voxel_to_physical()[:3, 3]
+    phys = geometry.physical_points()
     centre = geometry.physical_bounds_center()
     half = geometry.physical_extent() / 2
     rel = (phys - centre) / (half * 0.8)

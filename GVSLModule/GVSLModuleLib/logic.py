@@ -55,8 +55,7 @@ def residual_displacement(result: MatchResult, max_voxels: int = MAX_RESIDUAL_FI
     grid = Grid.of(result.moving).coarsened(max_voxels)
     affine = result.physical_affine_matrix()
     inverse = np.linalg.inv(affine)
-    idx = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in grid.shape], indexing="ij"), -1)
-    y = idx.reshape(-1, 3) @ grid.voxel_to_physical()[:3, :3].T + grid.voxel_to_physical()[:3, 3]
+    y = grid.physical_points()
     x = y @ inverse[:3, :3].T + inverse[:3, 3]
     residual = result.map_points(x) - y
     image = sitk.GetImageFromArray(residual.reshape(*grid.shape, 3), isVector=True)

@@ -15,9 +15,7 @@ import SimpleITK as sitk
 import slicer
 import vtk
 
-from gvsl.conventions import LPS_TO_RAS, Grid
-
-FLIP4 = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS <-> RAS on homogeneous coordinates
+from gvsl.conventions import LPS_TO_RAS, LPS_TO_RAS_4X4 as FLIP4, Grid
 
 
 def _vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
@@ -111,7 +109,7 @@ def set_grid_from_parent(transform_node, displacement_lps: sitk.Image):
     """Store an ITK displacement field (LPS vectors, resampling direction) as the grid
     transform node's transform from parent."""
     grid = Grid.of(displacement_lps)
-    vectors = sitk.GetArrayFromImage(displacement_lps).astype(np.float64) * np.array([-1.0, -1.0, 1.0])
+    vectors = sitk.GetArrayFromImage(displacement_lps).astype(np.float64) @ LPS_TO_RAS.T
     image_data = vtk.vtkImageData()
     image_data.SetDimensions(*grid.size)
     image_data.SetSpacing(*grid.spacing)

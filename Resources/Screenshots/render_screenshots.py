@@ -20,6 +20,7 @@ from vtk.util import numpy_support  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "GVSLModule"))
 
+from gvsl.conventions import lps_to_ras  # noqa: E402
 from GVSLModuleLib import mrml_io  # noqa: E402
 from GVSLModuleLib.logic import GVSLLogic  # noqa: E402
 
@@ -108,7 +109,7 @@ def main(argv=None):
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(twin_labels)
     query_lps = np.asarray(stats.GetCentroid(3))  # thoracic vertebral column
-    query_ras = query_lps * np.array([-1, -1, 1])
+    query_ras = lps_to_ras(query_lps)
 
     views = {o: SliceView(scene, app_logic, n, o) for n, o in (("Red", "Axial"), ("Green", "Coronal"))}
     fig, axes = plt.subplots(2, 3, figsize=(12, 8.4))
