@@ -128,3 +128,20 @@ def test_class_volumes():
     labels = sitk.GetImageFromArray(np.array([[[0, 1, 1], [2, 0, 0]]], dtype=np.uint8))
     labels.SetSpacing((2.0, 2.0, 2.5))
     assert class_volumes_ml(labels, ["x", "y"]) == {"x": pytest.approx(0.02), "y": pytest.approx(0.01)}
+
+
+def test_two_rank_gloo_finetune_with_validation_finishes_in_sync(labelled, tmp_path):
+    import os
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gvsl",
+           "finetune", "--images", str(labelled / "images"), "--labels", str(labelled / "labels"),
+           "--out", str(tmp_path / "ddp"), "--patch", "32", "--iters", "4", "--width", "0.25", "--device", "cpu",
+           "--classes", "a,b,c", "--progress", "json", "--spacing", "1.5", "--val-every", "2", "--log-every", "1"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
+    result = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = [e for e in json_events(result.stdout) if e["event"] == "done"]
+    assert len(done) == 1 and len(set(done[0]["rank_parameter_checksums"])) == 1
+    assert (tmp_path / "ddp" / "checkpoints" / "best.pt").exists()

@@ -289,8 +289,10 @@ def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
     preprocessing = {"preset": presets.pop() if len(presets) == 1 else cfg.preset, "spacing": cfg.spacing,
                      "patch": list(cfg.patch)}
 
-    def payload(step, best):
-        states = gather_sampler_states(ddp, sampler)
+    def payload(step, best, gather=True):
+        # gather=False for best.pt, which rank 0 writes alone: it is for inference, and a
+        # collective there would wait forever for the other ranks.
+        states = gather_sampler_states(ddp, sampler) if gather else [sampler.state()]
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "finetune", "model": model.config,
                 "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                 "classes": classes, "mode": cfg.mode, "init": cfg.init, "preprocessing": preprocessing,
@@ -339,7 +341,7 @@ def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
                 reporter.event("validation", step=step, dice=last_val, mean_dice=mean)
                 if mean > best_dice:
                     best_dice = mean
-                    save_atomic(payload(step, best_dice), run_dir / "checkpoints" / "best.pt")
+                    save_atomic(payload(step, best_dice, gather=False), run_dir / "checkpoints" / "best.pt")
             if ddp.any_flag(stop.requested):
                 stopped = True
                 break
