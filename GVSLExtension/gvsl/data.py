@@ -65,8 +65,10 @@ def find_volumes(source) -> List[str]:
     return found
 
 
-def read_image(path) -> sitk.Image:
-    """Read and check one 3D scalar volume. Raises :class:`InputError` naming the file."""
+def read_image(path, check: bool = True) -> sitk.Image:
+    """Read one volume (file or DICOM series) and, with ``check``, refuse it unless it is a
+    usable 3D scalar volume (label maps skip the intensity checks). Raises
+    :class:`InputError` naming the file."""
     path = str(path)
     try:
         if "::" in path:
@@ -78,7 +80,7 @@ def read_image(path) -> sitk.Image:
             series = _dicom_series(Path(path))
             if not series:
                 raise InputError(f"{path}: folder holds no DICOM series")
-            return read_image(f"{path}::{series[0]}")
+            return read_image(f"{path}::{series[0]}", check)
         else:
             if not os.path.exists(path):
                 raise InputError(f"{path}: file not found")
@@ -89,7 +91,7 @@ def read_image(path) -> sitk.Image:
         first = str(exc).strip().splitlines()
         reason = next((ln for ln in first if "Description" in ln or "ERROR" in ln), first[-1] if first else "")
         raise InputError(f"{path}: unreadable ({reason.strip()[:200]})") from None
-    return check_image(image, path)
+    return check_image(image, path) if check else image
 
 
 def check_image(image: sitk.Image, name: str = "<image>") -> sitk.Image:
@@ -174,11 +176,24 @@ def resample_to(image: sitk.Image, grid: Grid, linear: bool = True, default: flo
 # ----------------------------------------------------------------------- pre-training
 
 
-def _cache_key(path: str, preset: str, spacing: float) -> str:
-    stat_path = path.split("::", 1)[0]
-    st = os.stat(stat_path)
-    text = json.dumps([os.path.abspath(path), st.st_mtime_ns, st.st_size, preset, spacing, CACHE_VERSION])
+def cache_key(paths: Sequence[str], *parameters) -> str:
+    """Names a cache entry after its input files' versions and the preprocessing parameters."""
+    parts = []
+    for path in paths:
+        st = os.stat(path.split("::", 1)[0])
+        parts += [os.path.abspath(path), st.st_mtime_ns, st.st_size]
+    text = json.dumps(parts + list(parameters) + [CACHE_VERSION])
     return hashlib.sha1(text.encode()).hexdigest()[:20]
+
+
+def write_cache_atomic(target: Path, write) -> Path:
+    """``write(handle)`` into a temporary file beside ``target``, then rename: concurrent
+    ranks or an interrupted run never leave a half-written cache entry."""
+    fd, tmp = tempfile.mkstemp(suffix=target.suffix, dir=target.parent)
+    with os.fdopen(fd, "wb") as handle:
+        write(handle)
+    os.replace(tmp, target)
+    return target
 
 
 def preprocess_volume(path: str, preset: str, spacing_mm: float) -> np.ndarray:
@@ -193,13 +208,10 @@ def cached_volume(path: str, preset: str, spacing_mm: float, cache_dir) -> np.nd
     memory-mapped ``.npy`` from ``cache_dir``."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / f"{_cache_key(path, preset, spacing_mm)}.npy"
+    target = cache_dir / f"{cache_key([path], preset, spacing_mm)}.npy"
     if not target.exists():
         array = preprocess_volume(path, preset, spacing_mm)
-        fd, tmp = tempfile.mkstemp(suffix=".npy", dir=cache_dir)
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, target)
+        write_cache_atomic(target, lambda handle: np.save(handle, array))
     return np.load(target, mmap_mode="r")
 
 

@@ -7,10 +7,7 @@ evaluation). Class names and preprocessing travel inside the checkpoint.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +19,8 @@ import torch
 
 from .checkpoint import FORMAT, FORMAT_VERSION, save_atomic
 from .conventions import Grid
-from .data import InputError, find_volumes, fitting_grid, normalized_image, read_image, resample_to
+from .data import (InputError, cache_key, find_volumes, fitting_grid, normalized_image, read_image, resample_to,
+                   write_cache_atomic)
 from .metrics import dice_per_label
 from .network import GVSL, SegmentationNet
 from .runtime import (Distributed, EtaClock, MetricsLog, Reporter, StopFlag, autocast_context, error_events,
@@ -105,32 +103,19 @@ def check_same_geometry(image: sitk.Image, label: sitk.Image, image_path: str, l
 
 
 def read_label(path: str) -> sitk.Image:
-    image = read_image_any(path)
+    image = read_image(path, check=False)  # an all-background label map is allowed
     array = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.equal(np.mod(array, 1), 0)):
         raise InputError(f"{path}: label map holds non-integer values")
     return sitk.Cast(image, sitk.sitkUInt8) if array.max() < 256 and array.min() >= 0 else image
 
 
-def read_image_any(path: str) -> sitk.Image:
-    """Read without the intensity checks (an all-background label map is allowed)."""
-    if not os.path.exists(path.split("::")[0]):
-        raise InputError(f"{path}: file not found")
-    try:
-        return sitk.ReadImage(path)
-    except RuntimeError:
-        raise InputError(f"{path}: unreadable") from None
-
-
 def preprocess_case(image_path: str, label_path: str, preset: str, spacing: float, num_classes: Optional[int],
                     cache_dir) -> Tuple[np.ndarray, np.ndarray, str]:
     """Normalised image (float16) and label (uint8) on the isotropic working grid, cached."""
-    key = hashlib.sha1(json.dumps([os.path.abspath(image_path), os.path.abspath(label_path), preset, spacing,
-                                   os.stat(image_path.split("::")[0]).st_mtime_ns,
-                                   os.stat(label_path).st_mtime_ns]).encode()).hexdigest()[:20]
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    target = cache / f"seg_{key}.npz"
+    target = cache / f"seg_{cache_key([image_path, label_path], preset, spacing)}.npz"
     if target.exists():
         data = np.load(target)
         return data["image"], data["label"], str(data["preset"])
@@ -145,10 +130,7 @@ def preprocess_case(image_path: str, label_path: str, preset: str, spacing: floa
     grid = fitting_grid([image], spacing, max_size=None, multiple=1)[0]
     image_w = sitk.GetArrayFromImage(resample_to(normalized, grid)).astype(np.float16)
     label_w = sitk.GetArrayFromImage(resample_to(label, grid, linear=False)).astype(np.uint8)
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=cache)
-    with os.fdopen(fd, "wb") as handle:
-        np.savez(handle, image=image_w, label=label_w, preset=used)
-    os.replace(tmp, target)
+    write_cache_atomic(target, lambda handle: np.savez(handle, image=image_w, label=label_w, preset=used))
     return image_w, label_w, used
 
 

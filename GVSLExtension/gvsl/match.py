@@ -80,6 +80,7 @@ class MatchResult:
     fixed_working: np.ndarray = None  # normalised intensities (D, H, W), for reports
     moving_working: np.ndarray = None
     warped_working: np.ndarray = None
+    moving_on_fixed_working: np.ndarray = None  # moving on the fixed working grid, no transform
 
     # ------------------------------------------------------------------ mapping
     def physical_affine_matrix(self) -> np.ndarray:
@@ -140,7 +141,7 @@ class MatchResult:
                  features_fixed=self.features["fixed"].to(torch.float16).numpy(),
                  features_moving=self.features["moving"].to(torch.float16).numpy(),
                  fixed_working=self.fixed_working, moving_working=self.moving_working,
-                 warped_working=self.warped_working,
+                 warped_working=self.warped_working, moving_on_fixed_working=self.moving_on_fixed_working,
                  grids=json.dumps({"fixed": self.fixed_grid.to_json(), "moving": self.moving_grid.to_json()}),
                  metrics=json.dumps(self.metrics))
         return path
@@ -164,7 +165,7 @@ class MatchResult:
             features={"fixed": torch.from_numpy(state["features_fixed"]).float(),
                       "moving": torch.from_numpy(state["features_moving"]).float()},
             fixed_working=state["fixed_working"], moving_working=state["moving_working"],
-            warped_working=state["warped_working"])
+            warped_working=state["warped_working"], moving_on_fixed_working=state["moving_on_fixed_working"])
 
     # ------------------------------------------------------------------- export
     def save(self, out_dir, points: Sequence[dict] = (), report: bool = True) -> Dict[str, str]:
@@ -288,6 +289,7 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
     def local_ncc(arr):
         return float(1.0 - ncc(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None], target, m))
 
+    result.moving_on_fixed_working = moving_on_fixed
     result.metrics = {
         "local_ncc_before": local_ncc(moving_on_fixed),
         "local_ncc_affine": local_ncc(affine_w),

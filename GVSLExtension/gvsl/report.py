@@ -52,9 +52,7 @@ def match_report(result, answers: List[dict], path) -> None:
     shape = grid.shape
     centre = tuple(s // 2 for s in shape)
     fixed = result.fixed_working
-    mov_img = sitk.GetImageFromArray(result.moving_working)
-    result.moving_grid.apply_to(mov_img)
-    moving_before = _on_grid(mov_img, grid, 0.0)
+    moving_before = result.moving_on_fixed_working
     warped = result.warped_working
     jacobian = _on_grid(result.jacobian, grid, 1.0)
 
@@ -111,10 +109,11 @@ def _deformation_grid(ax, result, name, centre, background, lines_every_voxels: 
     """Iso-lines of the mapped moving-space coordinates over one plane of the fixed grid."""
     grid = result.fixed_grid
     spacing_mm = lines_every_voxels * grid.spacing[0]
-    d, h, w = np.meshgrid(*[np.arange(s) for s in grid.shape], indexing="ij")
-    sl = {"axial": (centre[0], slice(None), slice(None)), "coronal": (slice(None), centre[1], slice(None)),
-          "sagittal": (slice(None), slice(None), centre[2])}[name]
-    vox = np.stack([d[sl], h[sl], w[sl]], -1).astype(np.float64)
+    # Only the displayed plane's voxels, not the whole grid.
+    axes = [np.arange(s, dtype=np.float64) for s in grid.shape]
+    fixed_axis = {"axial": 0, "coronal": 1, "sagittal": 2}[name]
+    axes[fixed_axis] = np.array([float(centre[fixed_axis])])
+    vox = np.squeeze(np.stack(np.meshgrid(*axes, indexing="ij"), -1), axis=fixed_axis)
     pts = transform_points(grid.voxel_to_physical(), vox.reshape(-1, 3))
     mapped = result.map_points(pts).reshape(*vox.shape[:2], 3)
     ax.imshow(plane(background, name, centre), cmap="gray", vmin=0, vmax=1)
