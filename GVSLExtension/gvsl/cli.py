@@ -32,6 +32,17 @@ def _common_run(p: argparse.ArgumentParser, iters: int, batch: int, lr: float, p
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "text", "json"])
 
 
+def _refine_options(p: argparse.ArgumentParser):
+    from .refine import SIMILARITIES, RefineOptions
+    p.add_argument("--refine-iters", type=int, default=RefineOptions.iterations,
+                   help="optimiser steps of the refinement on the pair, on its coarsest level (finer levels "
+                        f"get fewer); 0 = the network's answer only (default {RefineOptions.iterations})")
+    p.add_argument("--similarity", default="lncc", choices=list(SIMILARITIES),
+                   help="refinement similarity: lncc (local NCC, same modality) or mind (MIND-SSC, CT<->MR)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop the refinement after this many seconds and keep what it reached")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gvsl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points", default=None, help="CSV or JSON of LPS points (x,y,z[,image])")
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--save-state", action="store_true", help="also write state.npz (features) for heatmap queries")
+    _refine_options(p)
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "text", "json"])
 
     p = sub.add_parser("demo", help="match the bundled sample CT against a deformed copy")
@@ -66,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--sample", default="ct", choices=["ct", "mri"])
     p.add_argument("--seed", type=int, default=7)
+    _refine_options(p)
 
     p = sub.add_parser("finetune", help="fine-tune or linearly probe for segmentation")
     p.add_argument("--images", required=True, help="folder or list file of images")
@@ -117,7 +130,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.command == "demo":
             from .demo import run_demo
             run_demo(out=args.out, checkpoint=args.checkpoint, device=args.device, sample=args.sample,
-                     seed=args.seed)
+                     seed=args.seed, refine_iters=args.refine_iters, similarity=args.similarity,
+                     time_budget_s=args.time_budget)
         elif args.command == "finetune":
             from .finetune import finetune_cli
             finetune_cli(args)

@@ -35,7 +35,8 @@ def foreground_points(labels: sitk.Image, count: int, seed: int) -> np.ndarray:
     return chosen.astype(np.float64) @ m[:3, :3].T + m[:3, 3]
 
 
-def run_demo(out="gvsl-demo", checkpoint=None, device="auto", sample="ct", seed=7, quiet=False) -> dict:
+def run_demo(out="gvsl-demo", checkpoint=None, device="auto", sample="ct", seed=7, quiet=False,
+             refine_iters=None, similarity="lncc", time_budget_s=None) -> dict:
     from .match import match_pair
     from .samples import chest_ct, deformed_copy, mni_t1, random_deformation
 
@@ -58,7 +59,8 @@ def run_demo(out="gvsl-demo", checkpoint=None, device="auto", sample="ct", seed=
 
     say(f"GVSL demo: matching the sample {'chest CT (slicerio CTChest4)' if sample == 'ct' else 'MNI152 T1'} "
         f"against a copy deformed by a known random affine + elastic transform (seed {seed})")
-    result = match_pair(fixed, moving, checkpoint, device=device, preset=preset)
+    result = match_pair(fixed, moving, checkpoint, device=device, preset=preset, refine_iters=refine_iters,
+                        similarity=similarity, time_budget_s=time_budget_s)
 
     centroids = label_centroids(fixed_labels)
     queries = [{"point": centroids[k].tolist(), "image": "fixed"} for k in sorted(centroids)[:2]]
@@ -66,28 +68,37 @@ def run_demo(out="gvsl-demo", checkpoint=None, device="auto", sample="ct", seed=
 
     points = foreground_points(fixed_labels, 500, seed)
     true_moving = np.array([truth.TransformPoint(p.tolist()) for p in points])
-    predicted = result.map_points(points)
-    affine_only = result.map_points(points, affine_only=True)
-    err_before = np.linalg.norm(points - true_moving, axis=1)
-    err_affine = np.linalg.norm(affine_only - true_moving, axis=1)
-    err_after = np.linalg.norm(predicted - true_moving, axis=1)
-
-    field = sitk.DisplacementFieldTransform(sitk.Cast(result.displacement, sitk.sitkVectorFloat64))
-    identity_labels = sitk.Resample(moving_labels, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    warped_labels = sitk.Resample(moving_labels, fixed, field, sitk.sitkNearestNeighbor, 0)
-    sitk.WriteImage(warped_labels, str(out / "warped_labels.nii.gz"))
     label_ids = list(range(1, len(names) + 1))
-    dice_before = dice_per_label(sitk.GetArrayFromImage(identity_labels), sitk.GetArrayFromImage(fixed_labels), label_ids)
-    dice_after = dice_per_label(sitk.GetArrayFromImage(warped_labels), sitk.GetArrayFromImage(fixed_labels), label_ids)
+    fixed_label_array = sitk.GetArrayFromImage(fixed_labels)
+
+    def dice_through(transform: sitk.Transform) -> Dict[int, float]:
+        warped = sitk.Resample(moving_labels, fixed, transform, sitk.sitkNearestNeighbor, 0)
+        return dice_per_label(sitk.GetArrayFromImage(warped), fixed_label_array, label_ids)
+
+    def field_transform(image: sitk.Image) -> sitk.Transform:
+        return sitk.DisplacementFieldTransform(sitk.Cast(image, sitk.sitkVectorFloat64))
+
+    errors = {"before": np.linalg.norm(points - true_moving, axis=1),
+              "affine": np.linalg.norm(result.map_points(points, affine_only=True) - true_moving, axis=1),
+              "network": np.linalg.norm(result.map_points(points, network=True) - true_moving, axis=1),
+              "after": np.linalg.norm(result.map_points(points) - true_moving, axis=1)}
+    dice = {"before": dice_through(sitk.Transform()), "after": dice_through(field_transform(result.displacement))}
+    if result.network_mapping is result.mapping:
+        dice["network"] = dice["after"]
+    else:
+        dice["network"] = dice_through(field_transform(sitk.ReadImage(files["network_displacement"])))
+    warped_labels = sitk.Resample(moving_labels, fixed, field_transform(result.displacement), sitk.sitkNearestNeighbor, 0)
+    sitk.WriteImage(warped_labels, str(out / "warped_labels.nii.gz"))
 
     m = result.metrics
     summary = {
         "sample": sample, "seed": seed,
-        "landmark_error_mm": {"before": _stats(err_before), "affine": _stats(err_affine), "after": _stats(err_after)},
-        "dice": {names[i - 1]: {"before": dice_before[i], "after": dice_after[i]} for i in label_ids},
-        "mean_dice": {"before": float(np.nanmean(list(dice_before.values()))),
-                      "after": float(np.nanmean(list(dice_after.values())))},
-        "local_ncc": {"before": m["local_ncc_before"], "affine": m["local_ncc_affine"], "after": m["local_ncc_after"]},
+        "landmark_error_mm": {stage: _stats(e) for stage, e in errors.items()},
+        "dice": {names[i - 1]: {stage: d[i] for stage, d in dice.items()} for i in label_ids},
+        "mean_dice": {stage: float(np.nanmean(list(d.values()))) for stage, d in dice.items()},
+        "local_ncc": {"before": m["local_ncc_before"], "affine": m["local_ncc_affine"],
+                      "network": m["local_ncc_network"], "after": m["local_ncc_after"]},
+        "refinement": m["refinement"],
         "folding_fraction": m["folding_fraction"], "jacobian_range": [m["jacobian_min"], m["jacobian_max"]],
         "working_grid": m["working_grid"], "device": m["device"], "seconds": m["seconds"],
         "total_seconds": time.perf_counter() - t0, "files": files,
@@ -104,18 +115,25 @@ def _stats(errors: np.ndarray) -> dict:
 
 
 def format_summary(s: dict, names: List[str]) -> str:
-    le = s["landmark_error_mm"]
+    le, ncc, dice = s["landmark_error_mm"], s["local_ncc"], s["mean_dice"]
+    refined = s["refinement"]["iterations"] > 0
+    after = "refined" if refined else "network"
+    r = s["refinement"]
     lines = [
-        f"working grid {s['working_grid']['shape_dhw']} at {s['working_grid']['spacing_mm']:.2f} mm on {s['device']}",
-        f"local NCC          before {s['local_ncc']['before']:.3f}   affine {s['local_ncc']['affine']:.3f}   "
-        f"after {s['local_ncc']['after']:.3f}",
-        f"landmark error mm  before {le['before']['mean']:.2f}   affine {le['affine']['mean']:.2f}   "
-        f"after {le['after']['mean']:.2f}   (mean of 500 points; p90 after {le['after']['p90']:.2f})",
-        f"mean Dice          before {s['mean_dice']['before']:.3f}   after {s['mean_dice']['after']:.3f}",
+        f"working grid {s['working_grid']['shape_dhw']} at {s['working_grid']['spacing_mm']:.2f} mm on {s['device']}"
+        + (f"; refinement: {r['iterations']} steps ({r['similarity']}), start: {r['start']}, local field start: "
+           f"{r['local_start']}" if refined else "; refinement off"),
+        f"{'':18s} {'before':>8s} {'network':>8s} {after if refined else '':>8s}",
+        f"{'local NCC':18s} {ncc['before']:8.3f} {ncc['network']:8.3f} " + (f"{ncc['after']:8.3f}" if refined else ""),
+        f"{'landmark error mm':18s} {le['before']['mean']:8.2f} {le['network']['mean']:8.2f} "
+        + (f"{le['after']['mean']:8.2f}" if refined else "") + f"   (mean of 500 points; p90 {le['after']['p90']:.2f})",
+        f"{'mean Dice':18s} {dice['before']:8.3f} {dice['network']:8.3f} " + (f"{dice['after']:8.3f}" if refined else ""),
         f"folding {100 * s['folding_fraction']:.3f} % of voxels; Jacobian in "
         f"[{s['jacobian_range'][0]:.2f}, {s['jacobian_range'][1]:.2f}]",
-        "Dice per structure (before -> after):",
+        f"Dice per structure (before -> network -> {after}):",
     ]
-    lines += [f"  {name:28s} {d['before']:.3f} -> {d['after']:.3f}" for name, d in s["dice"].items()]
+    lines += [f"  {name:28s} {d['before']:.3f} -> {d['network']:.3f} -> {d['after']:.3f}" for name, d in s["dice"].items()]
+    if r.get("warning"):
+        lines.append(f"warning: {r['warning']}")
     lines.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in s["seconds"].items()))
     return "\n".join(lines)

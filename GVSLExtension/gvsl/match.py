@@ -2,7 +2,9 @@
 
 Both volumes are resampled onto working grids (identity direction, isotropic, one common
 size, each centred on its own image; see :func:`gvsl.data.fitting_grid`), the network
-runs once without gradients, and every result is mapped back to LPS millimetres:
+runs once without gradients, its answer is refined on the pair itself
+(:mod:`gvsl.refine`, unless ``refine_iters=0``), and every result is a
+:class:`gvsl.mapping.Mapping` exported in LPS millimetres:
 
 * ``affine_transform``: ITK affine, fixed point -> moving point (the affine part).
 * ``displacement``: ITK displacement field on the fixed image's grid (coarsened only if
@@ -10,7 +12,9 @@ runs once without gradients, and every result is mapped back to LPS millimetres:
   ``T(x) = x + u(x)`` maps a fixed point to the moving point, so resampling the moving
   image through it (ITK's convention) gives ``warped``.
 * ``warped``: the moving image on the fixed image's grid.
-* ``jacobian``: determinant of the mapping's Jacobian (SimpleITK), on the field grid.
+* ``jacobian``: determinant of the mapping's Jacobian, on the field grid.
+* ``network_displacement.nii.gz`` (written by :meth:`MatchResult.save`): the network's
+  own answer, beside the refined one.
 
 Conventions: :mod:`gvsl.conventions`.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +36,7 @@ import torch.nn.functional as F
 from .conventions import Grid, sample_at, transform_points, voxel_affine_to_matrix
 from .data import InputError, fitting_grid, normalized_image, read_image, resample_to
 from .losses import LocalNCCLoss
+from .mapping import Mapping, local_jacobian_determinant, voxel_flow_to_lps
 
 ImageLike = Union[str, Path, sitk.Image]
 DEFAULT_MAX_FIELD_VOXELS = 1 << 24  # 16.7 M voxels: 400 MB as an ITK float64 vector field
@@ -57,13 +63,13 @@ def training_grid(model) -> dict:
     return {"spacing": float(spacing) if spacing else 1.0, "max_size": int(max(patch)) if patch else 128}
 
 
-def _voxel_points(grid: Grid, d_start: int, d_stop: int) -> torch.Tensor:
-    return torch.from_numpy(grid.physical_points(d_start, d_stop))
-
-
 @dataclass
 class MatchResult:
-    """Everything Match pair produced; see the module docstring for directions."""
+    """Everything Match pair produced; see the module docstring for directions.
+
+    ``mapping`` is the answer (refined when refinement ran), ``network_mapping`` the
+    network's own; ``voxel_affine`` and ``local_displacement`` are the network's raw
+    outputs on the working grids."""
 
     fixed: sitk.Image
     moving: sitk.Image
@@ -71,6 +77,8 @@ class MatchResult:
     moving_grid: Grid
     voxel_affine: np.ndarray  # (3, 4) centred, fixed working voxel -> moving working voxel
     local_displacement: torch.Tensor  # (1, 3, D, H, W) working voxels: flow minus its affine part
+    mapping: Mapping
+    network_mapping: Mapping
     affine_transform: sitk.AffineTransform
     displacement: sitk.Image
     warped: sitk.Image
@@ -84,26 +92,14 @@ class MatchResult:
 
     # ------------------------------------------------------------------ mapping
     def physical_affine_matrix(self) -> np.ndarray:
-        """4x4 LPS matrix of the affine part (fixed point -> moving point)."""
-        voxel = voxel_affine_to_matrix(self.voxel_affine, self.fixed_grid.shape)
-        return self.moving_grid.voxel_to_physical() @ voxel @ self.fixed_grid.physical_to_voxel()
+        """4x4 LPS matrix of the answer's affine part (fixed point -> moving point)."""
+        return self.mapping.affine
 
-    def map_points(self, fixed_points_lps, affine_only: bool = False) -> np.ndarray:
-        """Map fixed-space LPS points (K, 3) to moving-space LPS points, as the network says."""
-        x = torch.as_tensor(np.asarray(fixed_points_lps, dtype=np.float64).reshape(-1, 3))
-        return self._map(x, affine_only).numpy()
-
-    def _map(self, x: torch.Tensor, affine_only: bool = False) -> torch.Tensor:
-        to_voxel = torch.from_numpy(self.fixed_grid.physical_to_voxel())
-        p = x @ to_voxel[:3, :3].T + to_voxel[:3, 3]
-        voxel = torch.from_numpy(voxel_affine_to_matrix(self.voxel_affine, self.fixed_grid.shape))
-        q = p @ voxel[:3, :3].T + voxel[:3, 3]
-        if not affine_only:
-            coords = p.T.reshape(1, 3, -1, 1, 1).float()
-            local = sample_at(self.local_displacement, coords, padding_mode="border")
-            q = q + local.reshape(3, -1).T.double()
-        to_phys = torch.from_numpy(self.moving_grid.voxel_to_physical())
-        return q @ to_phys[:3, :3].T + to_phys[:3, 3]
+    def map_points(self, fixed_points_lps, affine_only: bool = False, network: bool = False) -> np.ndarray:
+        """Map fixed-space LPS points (K, 3) to moving-space LPS points (the network's own
+        answer with ``network=True``)."""
+        mapping = self.network_mapping if network else self.mapping
+        return mapping.map_points(fixed_points_lps, affine_only)
 
     # ----------------------------------------------------------------- heatmap
     def heatmap(self, point_lps, source: str = "fixed", target: Optional[str] = None,
@@ -137,7 +133,12 @@ class MatchResult:
         """Everything heatmap queries and point mapping need (features, grids, fields) in
         one ``.npz``; :meth:`load_state` rebuilds the result from it and the saved files."""
         path = Path(path)
-        np.savez(path, voxel_affine=self.voxel_affine, local_displacement=self.local_displacement.numpy(),
+        mappings = {}
+        for name, mapping in (("mapping", self.mapping), ("network_mapping", self.network_mapping)):
+            mappings[f"{name}_affine"] = mapping.affine
+            mappings[f"{name}_local"] = mapping.local.numpy() if mapping.local is not None else np.zeros(0)
+            mappings[f"{name}_grid"] = json.dumps(mapping.grid.to_json() if mapping.grid is not None else None)
+        np.savez(path, voxel_affine=self.voxel_affine, local_displacement=self.local_displacement.numpy(), **mappings,
                  features_fixed=self.features["fixed"].to(torch.float16).numpy(),
                  features_moving=self.features["moving"].to(torch.float16).numpy(),
                  fixed_working=self.fixed_working, moving_working=self.moving_working,
@@ -154,12 +155,21 @@ class MatchResult:
         state = np.load(out / "state.npz")
         grids = json.loads(str(state["grids"]))
         as_grid = lambda g: Grid(tuple(g["origin"]), tuple(g["spacing"]), tuple(g["direction"]), tuple(g["size"]))
+        def mapping(name):
+            grid = json.loads(str(state[f"{name}_grid"]))
+            local = state[f"{name}_local"]
+            return Mapping(state[f"{name}_affine"], torch.from_numpy(local) if local.size else None,
+                           as_grid(grid) if grid else None)
+
+        final, network = mapping("mapping"), mapping("network_mapping")
+        if np.array_equal(final.affine, network.affine) and (final.grid == network.grid):
+            network = final
         affine = sitk.ReadTransform(str(out / "affine.tfm"))
         affine = sitk.AffineTransform(affine.Downcast()) if hasattr(affine, "Downcast") else affine
         return MatchResult(
             fixed=fixed, moving=moving, fixed_grid=as_grid(grids["fixed"]), moving_grid=as_grid(grids["moving"]),
             voxel_affine=state["voxel_affine"], local_displacement=torch.from_numpy(state["local_displacement"]),
-            affine_transform=affine, displacement=sitk.ReadImage(str(out / "displacement.nii.gz")),
+            mapping=final, network_mapping=network, affine_transform=affine, displacement=sitk.ReadImage(str(out / "displacement.nii.gz")),
             warped=sitk.ReadImage(str(out / "warped.nii.gz")), jacobian=sitk.ReadImage(str(out / "jacobian.nii.gz")),
             metrics=json.loads(str(state["metrics"])),
             features={"fixed": torch.from_numpy(state["features_fixed"]).float(),
@@ -179,6 +189,10 @@ class MatchResult:
                  "metrics": out / "metrics.json"}
         sitk.WriteTransform(self.affine_transform, str(files["affine"]))
         sitk.WriteImage(self.displacement, str(files["displacement"]))
+        if self.network_mapping is not self.mapping:
+            files["network_displacement"] = out / "network_displacement.nii.gz"
+            sitk.WriteImage(displacement_image(self.network_mapping, Grid.of(self.displacement)),
+                            str(files["network_displacement"]))
         sitk.WriteImage(self.warped, str(files["warped"]))
         sitk.WriteImage(self.jacobian, str(files["jacobian"]))
         answers = []
@@ -209,16 +223,28 @@ def foreground_mask(normalized: np.ndarray) -> np.ndarray:
 
 def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "auto", preset: str = "auto",
                spacing_mm: Optional[float] = None, max_size: Optional[int] = None,
-               max_field_voxels: int = DEFAULT_MAX_FIELD_VOXELS, progress=None) -> MatchResult:
+               max_field_voxels: int = DEFAULT_MAX_FIELD_VOXELS, progress=None,
+               refine_iters: Optional[int] = None, similarity: str = "lncc",
+               time_budget_s: Optional[float] = None, precision: str = "auto") -> MatchResult:
     """Match ``moving`` onto ``fixed`` (SimpleITK images or file paths) with a GVSL model
-    (a module, a checkpoint path, or None for the shipped demo model).
+    (a module, a checkpoint path, or None for the shipped demo model), then refine the
+    network's answer on the pair itself (:mod:`gvsl.refine`; ``refine_iters=0`` keeps the
+    network's answer, None uses the default schedule).
 
     ``spacing_mm`` and ``max_size`` default to the grid the model was trained on (its
     checkpoint's spacing and patch size), so the network sees what it learned from; for
     weights without that record (the official ones) they default to 1 mm and 128."""
     from .checkpoint import load_model
+    from .refine import SIMILARITIES, RefineOptions, refine_mapping
     from .runtime import autocast_context, pick_device
 
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"unknown similarity {similarity!r}; choose one of {', '.join(SIMILARITIES)}")
+    options = RefineOptions(similarity=similarity, time_budget_s=time_budget_s)
+    if refine_iters is not None:
+        if refine_iters < 0:
+            raise ValueError(f"refine_iters must be 0 (network only) or more, got {refine_iters}")
+        options.iterations = int(refine_iters)
     say = progress or (lambda stage, fraction: None)
     seconds = {}
     t0 = time.perf_counter()
@@ -238,7 +264,7 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
     fixed_w = sitk.GetArrayFromImage(resample_to(fixed_norm, fixed_grid))
     moving_w = sitk.GetArrayFromImage(resample_to(moving_norm, moving_grid))
     seconds["load_resample"] = time.perf_counter() - t0
-    say("network", 0.3)
+    say("network", 0.2)
 
     t0 = time.perf_counter()
     a = torch.from_numpy(fixed_w)[None, None].to(dev)
@@ -254,50 +280,86 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
     if dev.type == "cuda":
         torch.cuda.synchronize()
     seconds["network"] = time.perf_counter() - t0
-    say("fields", 0.6)
 
-    t0 = time.perf_counter()
     features = {"fixed": F.normalize(out.features_a[0].float(), dim=0).cpu(),
                 "moving": F.normalize(out.features_b[0].float(), dim=0).cpu()}
     voxel_affine = out.affine[0].double().cpu().numpy()
     local = (out.flow - out.affine_flow).float().cpu()
     warped_w = out.warped[0, 0].float().cpu().numpy()
-    result = MatchResult(fixed_image, moving_image, fixed_grid, moving_grid, voxel_affine, local,
-                         None, None, None, None, {}, features, fixed_w, moving_w, warped_w)
-    physical = result.physical_affine_matrix()
-    affine_tx = sitk.AffineTransform(3)
-    affine_tx.SetMatrix(physical[:3, :3].ravel().tolist())
-    affine_tx.SetTranslation(physical[:3, 3].tolist())
-    result.affine_transform = affine_tx
+    voxel = voxel_affine_to_matrix(voxel_affine, fixed_grid.shape)
+    network = Mapping(affine=moving_grid.voxel_to_physical() @ voxel @ fixed_grid.physical_to_voxel(),
+                      local=voxel_flow_to_lps(local, fixed_grid), grid=fixed_grid)
 
+    refinement = {"iterations": 0, "similarity": similarity, "seconds": 0.0}
+    final = network
+    if options.iterations > 0:
+        say("refine", 0.35)
+        final, refine_report = refine_mapping(
+            fixed_norm, moving_norm, network, options, dev,
+            progress=lambda stage, fraction: say(stage, 0.35 + 0.45 * fraction))
+        refinement.update(refine_report.to_json())
+        seconds["refine"] = refine_report.seconds
+    say("fields", 0.8)
+
+    t0 = time.perf_counter()
+    result = MatchResult(fixed_image, moving_image, fixed_grid, moving_grid, voxel_affine, local,
+                         final, network, None, None, None, None, {}, features, fixed_w, moving_w, warped_w)
+    result.affine_transform = _itk_affine(final.affine)
     field_grid = Grid.of(fixed_image).coarsened(max_field_voxels)
-    result.displacement = _displacement_image(result, field_grid)
-    result.warped = _warp_moving(result)
-    result.jacobian = jacobian_determinant(result.displacement)
+    result.displacement = displacement_image(final, field_grid)
+    result.warped = warped_image(final, moving_image, fixed_image)
+    result.jacobian = jacobian_image(final, field_grid)
     seconds["fields"] = time.perf_counter() - t0
 
-    jac = sitk.GetArrayViewFromImage(result.jacobian)
-    mask = foreground_mask(fixed_w)
-    moving_on_fixed = sitk.GetArrayFromImage(resample_to(moving_norm, fixed_grid))
-    affine_w = sitk.GetArrayFromImage(sitk.Resample(moving_norm, fixed_grid.size, affine_tx, sitk.sitkLinear,
-                                                    fixed_grid.origin, fixed_grid.spacing, fixed_grid.direction,
-                                                    0.0, sitk.sitkFloat32))
-    ncc = LocalNCCLoss(9)
-    m = torch.from_numpy(mask)[None, None]
+    # Quality on the fixed working grid, the same measure for every stage.
+    moving_norm_t = torch.from_numpy(sitk.GetArrayFromImage(moving_norm))[None, None]
+    moving_norm_grid = Grid.of(moving_norm)
+
+    def on_fixed_working(mapping: Mapping) -> np.ndarray:
+        return _assemble(mapping.warp_slabs(fixed_grid, moving_norm_t, moving_norm_grid), fixed_grid.shape)
+
+    mask = torch.from_numpy(foreground_mask(fixed_w))[None, None]
     target = torch.from_numpy(fixed_w)[None, None]
+    ncc = LocalNCCLoss(9)
 
     def local_ncc(arr):
-        return float(1.0 - ncc(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None], target, m))
+        return float(1.0 - ncc(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None], target, mask))
 
+    moving_on_fixed = on_fixed_working(Mapping(np.eye(4)))
+    stages = {"before": local_ncc(moving_on_fixed),
+              "network_affine": local_ncc(on_fixed_working(Mapping(network.affine))),
+              "network": local_ncc(on_fixed_working(network))}
+    if final is not network:
+        stages["refined_affine"] = local_ncc(on_fixed_working(Mapping(final.affine)))
+        stages["refined"] = local_ncc(on_fixed_working(final))
+        result.warped_working = on_fixed_working(final)
+    start_best = max(stages["before"], stages["network"])
+    after = stages.get("refined", stages["network"])
+    warning = None
+    if after < start_best - 1e-3:
+        warning = (f"the {'refined' if final is not network else 'network'} match is less similar than "
+                   f"{'no registration' if stages['before'] >= stages['network'] else 'the network'} "
+                   f"(local NCC {after:.3f} < {start_best:.3f}): check the result before using it")
+    refinement["improved"] = bool(final is not network and stages["refined"] > stages["network"])
+    refinement["warning"] = warning
+
+    jac_local = final.jacobian_on_local_grid() if final.local is not None else None
+    jac = sitk.GetArrayViewFromImage(result.jacobian)
     result.moving_on_fixed_working = moving_on_fixed
     result.metrics = {
-        "local_ncc_before": local_ncc(moving_on_fixed),
-        "local_ncc_affine": local_ncc(affine_w),
-        "local_ncc_after": local_ncc(warped_w),
-        "ncc_note": "mean squared local NCC (9^3 window) inside the fixed image's Otsu foreground, on the working grid",
+        "local_ncc_before": stages["before"],
+        "local_ncc_affine": stages.get("refined_affine", stages["network_affine"]),
+        "local_ncc_network": stages["network"],
+        "local_ncc_after": after,
+        "local_ncc_stages": stages,
+        "ncc_note": "mean squared local NCC (9^3 window) inside the fixed image's Otsu foreground, on the "
+                    "network's working grid; 'affine' is the final answer's affine part",
         "jacobian_min": float(jac.min()), "jacobian_max": float(jac.max()), "jacobian_mean": float(jac.mean()),
-        "folding_fraction": float((jac <= 0).mean()),
-        "affine_matrix_lps": physical.tolist(),
+        "folding_fraction": float((jac_local <= 0).float().mean()) if jac_local is not None else float(jac.min() <= 0),
+        "folding_note": "fraction of the local field's own grid where det(dT/dx) <= 0",
+        "affine_matrix_lps": final.affine.tolist(),
+        "network_affine_matrix_lps": network.affine.tolist(),
+        "refinement": refinement,
         "working_grid": {"shape_dhw": list(fixed_grid.shape), "spacing_mm": fixed_grid.spacing[0],
                          "capped": bool(fixed_grid.spacing[0] > spacing_mm + 1e-9)},
         "field_grid": field_grid.to_json(),
@@ -308,53 +370,52 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
     return result
 
 
-def jacobian_determinant(displacement: sitk.Image) -> sitk.Image:
-    """det(I + du/dx) of an ITK displacement field, with derivatives in physical (LPS)
-    space. ITK's DisplacementFieldJacobianDeterminantFilter uses spacing but ignores the
-    direction matrix, which is wrong for flipped or oblique grids (e.g. CTChest4)."""
-    grid = Grid.of(displacement)
-    u = sitk.GetArrayViewFromImage(displacement).astype(np.float32)  # (D, H, W, 3)
-    du_dp = np.stack(np.gradient(u, axis=(0, 1, 2)), axis=-1)  # (D, H, W, 3 components, 3 voxel axes)
-    dp_dx = grid.physical_to_voxel()[:3, :3].astype(np.float32)
-    jac = np.einsum("dhwik,kj->dhwij", du_dp, dp_dx)
-    jac += np.eye(3, dtype=np.float32)
-    image = sitk.GetImageFromArray(np.linalg.det(jac).astype(np.float32))
-    image.CopyInformation(displacement)
-    return image
+def _itk_affine(matrix: np.ndarray) -> sitk.AffineTransform:
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(matrix[:3, :3].ravel().tolist())
+    transform.SetTranslation(matrix[:3, 3].tolist())
+    return transform
 
 
-def _displacement_image(result: MatchResult, grid: Grid, chunk_voxels: int = 1 << 21) -> sitk.Image:
-    """ITK displacement field (LPS mm, float64) of the whole mapping on ``grid``."""
-    d_total = grid.shape[0]
-    rows = max(1, chunk_voxels // (grid.shape[1] * grid.shape[2]))
-    field_array = np.empty((*grid.shape, 3), dtype=np.float64)
-    for d0 in range(0, d_total, rows):
-        d1 = min(d_total, d0 + rows)
-        x = _voxel_points(grid, d0, d1)
-        field_array[d0:d1] = (result._map(x) - x).reshape(d1 - d0, grid.shape[1], grid.shape[2], 3).numpy()
-    image = sitk.GetImageFromArray(field_array, isVector=True)
+def _assemble(slabs, shape, components: int = 0) -> np.ndarray:
+    out = np.empty(tuple(shape) + ((components,) if components else ()), dtype=np.float32)
+    for d0, d1, values in slabs:
+        out[d0:d1] = values.numpy()
+    return out
+
+
+def displacement_image(mapping: Mapping, grid: Grid) -> sitk.Image:
+    """ITK displacement field (LPS mm, float32 vectors) of the whole mapping on ``grid``."""
+    image = sitk.GetImageFromArray(_assemble(mapping.displacement_slabs(grid), grid.shape, 3), isVector=True)
     return grid.apply_to(image)
 
 
-def _warp_moving(result: MatchResult, chunk_voxels: int = 1 << 21) -> sitk.Image:
-    """The moving image sampled (trilinear, in torch) on the fixed image's own grid."""
-    grid = Grid.of(result.fixed)
-    moving_grid = Grid.of(result.moving)
-    moving = torch.from_numpy(sitk.GetArrayFromImage(result.moving).astype(np.float32))[None, None]
-    to_voxel = torch.from_numpy(moving_grid.physical_to_voxel())
-    background = float(sitk.GetArrayViewFromImage(result.moving).min())
-    rows = max(1, chunk_voxels // (grid.shape[1] * grid.shape[2]))
-    out = np.empty(grid.shape, dtype=np.float32)
-    for d0 in range(0, grid.shape[0], rows):
-        d1 = min(grid.shape[0], d0 + rows)
-        y = result._map(_voxel_points(grid, d0, d1))
-        q = (y @ to_voxel[:3, :3].T + to_voxel[:3, 3]).float()
-        coords = q.T.reshape(1, 3, -1, 1, 1)
-        # Zero padding of (moving - background): outside the moving image reads as background.
-        values = sample_at(moving - background, coords).reshape(-1) + background
-        out[d0:d1] = values.reshape(d1 - d0, grid.shape[1], grid.shape[2]).numpy()
-    image = sitk.GetImageFromArray(out)
-    image.CopyInformation(result.fixed)
+def warped_image(mapping: Mapping, moving: sitk.Image, fixed: sitk.Image) -> sitk.Image:
+    """The moving image sampled (trilinear, in torch) on the fixed image's own grid;
+    outside the moving image reads as its minimum (background)."""
+    moving_t = torch.from_numpy(sitk.GetArrayFromImage(moving).astype(np.float32))[None, None]
+    background = float(moving_t.min())
+    grid = Grid.of(fixed)
+    image = sitk.GetImageFromArray(_assemble(mapping.warp_slabs(grid, moving_t, Grid.of(moving), background),
+                                             grid.shape))
+    image.CopyInformation(fixed)
+    return image
+
+
+def jacobian_image(mapping: Mapping, grid: Grid) -> sitk.Image:
+    """det(dT/dx) on ``grid`` (see :meth:`Mapping.jacobian_slabs`)."""
+    return grid.apply_to(sitk.GetImageFromArray(_assemble(mapping.jacobian_slabs(grid), grid.shape)))
+
+
+def jacobian_determinant(displacement: sitk.Image) -> sitk.Image:
+    """det(I + du/dx) of any ITK displacement field, with derivatives in physical (LPS)
+    space. ITK's DisplacementFieldJacobianDeterminantFilter uses spacing but ignores the
+    direction matrix, which is wrong for flipped or oblique grids (e.g. CTChest4)."""
+    grid = Grid.of(displacement)
+    u = torch.from_numpy(sitk.GetArrayFromImage(displacement).astype(np.float32))  # (D, H, W, 3)
+    det = local_jacobian_determinant(u.permute(3, 0, 1, 2)[None], grid)
+    image = sitk.GetImageFromArray(det.numpy())
+    image.CopyInformation(displacement)
     return image
 
 
@@ -395,6 +456,17 @@ def read_points(path) -> List[dict]:
     return points
 
 
+def summary_line(m: dict) -> str:
+    stages = m["local_ncc_stages"]
+    text = f"local NCC before {stages['before']:.3f} -> network {stages['network']:.3f}"
+    if "refined" in stages:
+        r = m["refinement"]
+        text += (f" -> refined {stages['refined']:.3f} ({r['iterations']} steps, {r['similarity']}, "
+                 f"start: {r['start']}, {r['seconds']:.1f} s{', time budget reached' if r.get('stopped_by_time_budget') else ''})")
+    return (text + f"; folding {100 * m['folding_fraction']:.3f} %; working grid {m['working_grid']['shape_dhw']} "
+            f"at {m['working_grid']['spacing_mm']:.2f} mm")
+
+
 def match_cli(args):
     from .runtime import Reporter, error_events
     reporter = Reporter(args.progress)
@@ -406,14 +478,14 @@ def match_cli(args):
             reporter.event("progress", step=int(fraction * 3), total=4, stage=stage, loss={}, eta_s=0.0)
 
         result = match_pair(args.fixed, args.moving, args.checkpoint, device=args.device, preset=args.preset,
-                            spacing_mm=args.spacing, max_size=args.max_size, progress=progress)
+                            spacing_mm=args.spacing, max_size=args.max_size, progress=progress,
+                            refine_iters=args.refine_iters, similarity=args.similarity,
+                            time_budget_s=args.time_budget)
         files = result.save(args.out, points, report=not args.no_report)
         if args.save_state:
             files["state"] = str(result.save_state(Path(args.out) / "state.npz"))
         reporter.event("progress", step=4, total=4, stage="export", loss={}, eta_s=0.0)
-        m = result.metrics
-        print(f"local NCC {m['local_ncc_before']:.3f} -> affine {m['local_ncc_affine']:.3f} -> "
-              f"deformable {m['local_ncc_after']:.3f}; folding {100 * m['folding_fraction']:.3f} %; "
-              f"working grid {m['working_grid']['shape_dhw']} at {m['working_grid']['spacing_mm']:.2f} mm",
-              flush=True)
+        print(summary_line(result.metrics), flush=True)
+        if result.metrics["refinement"].get("warning"):
+            print(f"warning: {result.metrics['refinement']['warning']}", file=sys.stderr, flush=True)
         reporter.event("done", files=files, metrics={k: v for k, v in m.items() if k != "field_grid"})

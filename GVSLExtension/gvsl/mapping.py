@@ -1,0 +1,156 @@
+"""One representation of a Match pair's answer, and its export onto any grid.
+
+A :class:`Mapping` is ``T(x) = A (x + w(x))``: a fixed-space LPS point ``x`` goes to the
+moving-space LPS point ``T(x)`` (ITK's resampling direction, see :mod:`gvsl.conventions`).
+``A`` is a 4x4 LPS affine; ``w`` is a local displacement in LPS millimetres, stored densely
+on a small grid of its own (the network's working grid or the finest refinement level)
+and interpolated trilinearly everywhere else. The network's answer and the refined answer
+are both Mappings, so everything downstream (point mapping, displacement field, warped
+image, Jacobian, Slicer nodes) has one code path.
+
+Exports run slab by slab in float32 torch: every coordinate change along the way is affine
+in the output voxel index, so it is folded into one small float64 matrix per export and
+applied to the slab's indices (no per-voxel float64 work, no full-volume point list).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .conventions import Grid, identity_voxel_grid, sample_at
+
+DEFAULT_SLAB_VOXELS = 1 << 22
+
+
+@dataclass
+class Mapping:
+    """``T(x) = A (x + w(x))``, fixed LPS mm -> moving LPS mm.
+
+    affine: (4, 4) float64 LPS matrix ``A``.
+    local: (1, 3, D, H, W) float32, LPS mm vectors ``(x, y, z)`` of ``w`` on ``grid``; None
+        for a purely affine mapping. Outside ``grid`` the border value is used.
+    """
+
+    affine: np.ndarray
+    local: Optional[torch.Tensor] = None
+    grid: Optional[Grid] = None
+
+    # ---------------------------------------------------------------- points
+    def map_points(self, points_lps, affine_only: bool = False) -> np.ndarray:
+        """(K, 3) fixed LPS points -> (K, 3) moving LPS points, float64."""
+        x = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
+        if not affine_only and self.local is not None:
+            x = x + self.local_at(x)
+        return x @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def local_at(self, points_lps: np.ndarray) -> np.ndarray:
+        """``w`` at (K, 3) LPS points, float64 (K, 3)."""
+        voxels = points_lps @ self.grid.physical_to_voxel()[:3, :3].T + self.grid.physical_to_voxel()[:3, 3]
+        coords = torch.from_numpy(voxels.T.reshape(1, 3, -1, 1, 1).astype(np.float32))
+        return sample_at(self.local, coords, padding_mode="border").reshape(3, -1).T.double().numpy()
+
+    # ----------------------------------------------------------------- slabs
+    def _local_on(self, voxel_matrix: np.ndarray, index: torch.Tensor) -> torch.Tensor:
+        """``w`` at output voxel indices ``index`` (1, 3, d, h, w); ``voxel_matrix`` maps
+        output voxels to this mapping's local-grid voxels."""
+        q = _apply_affine(voxel_matrix, index)
+        return sample_at(self.local, q, padding_mode="border")
+
+    def displacement_slabs(self, grid: Grid, slab_voxels: int = DEFAULT_SLAB_VOXELS
+                           ) -> Iterator[Tuple[int, int, torch.Tensor]]:
+        """``T(x) - x`` on ``grid`` in LPS mm, as (d0, d1, tensor (d1-d0, H, W, 3) float32)."""
+        to_phys = grid.voxel_to_physical()
+        # (A - I) x for x = M p is affine in p; the local part is L w.
+        affine_part = (self.affine - np.eye(4)) @ to_phys
+        affine_part[3, 3] = 1.0
+        linear = torch.from_numpy(self.affine[:3, :3].astype(np.float32))
+        to_local = self.grid.physical_to_voxel() @ to_phys if self.local is not None else None
+        for d0, d1, index in slab_indices(grid, slab_voxels):
+            u = _apply_affine(affine_part, index)
+            if self.local is not None:
+                u = u + torch.einsum("ij,njdhw->nidhw", linear, self._local_on(to_local, index))
+            yield d0, d1, u[0].permute(1, 2, 3, 0)
+
+    def warp_slabs(self, grid: Grid, moving: torch.Tensor, moving_grid: Grid, background: float = 0.0,
+                   mode: str = "bilinear", slab_voxels: int = DEFAULT_SLAB_VOXELS
+                   ) -> Iterator[Tuple[int, int, torch.Tensor]]:
+        """``moving(T(x))`` on ``grid`` as (d0, d1, tensor (d1-d0, H, W)); ``moving`` is
+        (1, C, D, H, W) on ``moving_grid``; outside it reads ``background``."""
+        to_phys = grid.voxel_to_physical()
+        to_moving = moving_grid.physical_to_voxel()
+        affine_part = to_moving @ self.affine @ to_phys
+        local_linear = torch.from_numpy((to_moving[:3, :3] @ self.affine[:3, :3]).astype(np.float32))
+        to_local = self.grid.physical_to_voxel() @ to_phys if self.local is not None else None
+        shifted = moving - background
+        for d0, d1, index in slab_indices(grid, slab_voxels):
+            r = _apply_affine(affine_part, index)
+            if self.local is not None:
+                r = r + torch.einsum("ij,njdhw->nidhw", local_linear, self._local_on(to_local, index))
+            values = sample_at(shifted, r, mode=mode) + background
+            yield d0, d1, values[0, 0] if values.shape[1] == 1 else values[0]
+
+    # -------------------------------------------------------------- Jacobian
+    def jacobian_on_local_grid(self) -> torch.Tensor:
+        """det(dT/dx) (D, H, W) on the local grid: ``det(L) det(I + dw/dx)``."""
+        det_l = float(np.linalg.det(self.affine[:3, :3]))
+        if self.local is None:
+            raise ValueError("a purely affine mapping has the constant Jacobian det(L)")
+        return det_l * local_jacobian_determinant(self.local, self.grid)
+
+    def jacobian_slabs(self, grid: Grid, slab_voxels: int = DEFAULT_SLAB_VOXELS
+                       ) -> Iterator[Tuple[int, int, torch.Tensor]]:
+        """det(dT/dx) on ``grid``, interpolated from the local grid's finite differences."""
+        if self.local is None:
+            det_l = float(np.linalg.det(self.affine[:3, :3]))
+            for d0, d1, _ in slab_indices(grid, slab_voxels):
+                yield d0, d1, torch.full((d1 - d0, *grid.shape[1:]), det_l)
+            return
+        det = self.jacobian_on_local_grid()[None, None]
+        to_local = self.grid.physical_to_voxel() @ grid.voxel_to_physical()
+        for d0, d1, index in slab_indices(grid, slab_voxels):
+            yield d0, d1, sample_at(det, _apply_affine(to_local, index), padding_mode="border")[0, 0]
+
+
+def local_jacobian_determinant(local: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """det(I + dw/dx) (D, H, W) of an LPS-mm field ``local`` (1, 3, D, H, W) on ``grid``,
+    central differences in physical space (direction matrix included)."""
+    w = local[0].float()
+    dw_dp = torch.stack(torch.gradient(w, dim=(1, 2, 3)), dim=-1)  # (3 comps, D, H, W, 3 voxel axes)
+    dp_dx = torch.from_numpy(grid.physical_to_voxel()[:3, :3].astype(np.float32))
+    jac = torch.einsum("idhwk,kj->dhwij", dw_dp, dp_dx) + torch.eye(3)
+    return torch.linalg.det(jac)
+
+
+def slab_indices(grid: Grid, slab_voxels: int = DEFAULT_SLAB_VOXELS) -> Iterator[Tuple[int, int, torch.Tensor]]:
+    """(d0, d1, voxel indices (1, 3, d1-d0, H, W) float32) covering ``grid`` slab by slab."""
+    depth, height, width = grid.shape
+    rows = max(1, slab_voxels // max(1, height * width))
+    plane = identity_voxel_grid((1, height, width))
+    for d0 in range(0, depth, rows):
+        d1 = min(depth, d0 + rows)
+        index = plane.expand(1, 3, d1 - d0, height, width).clone()
+        index[:, 0] = torch.arange(d0, d1, dtype=torch.float32).view(-1, 1, 1)
+        yield d0, d1, index
+
+
+def _apply_affine(matrix: np.ndarray, index: torch.Tensor) -> torch.Tensor:
+    """A 4x4 (float64) affine applied to coordinates (1, 3, ...) in float32."""
+    m = torch.from_numpy(matrix[:3, :3].astype(np.float32))
+    t = torch.from_numpy(matrix[:3, 3].astype(np.float32)).view(1, 3, *([1] * (index.dim() - 2)))
+    return torch.einsum("ij,nj...->ni...", m, index) + t
+
+
+def voxel_flow_to_lps(flow: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """A displacement in voxels of ``grid`` (N, 3, D, H, W), channels (d, h, w) ->
+    LPS millimetre vectors (N, 3, D, H, W), channels (x, y, z)."""
+    m = torch.from_numpy(grid.voxel_to_physical()[:3, :3].astype(np.float32)).to(flow)
+    return torch.einsum("ij,nj...->ni...", m, flow)
+
+
+def lps_to_voxel_flow(local: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Inverse of :func:`voxel_flow_to_lps`."""
+    m = torch.from_numpy(grid.physical_to_voxel()[:3, :3].astype(np.float32)).to(local)
+    return torch.einsum("ij,nj...->ni...", m, local)

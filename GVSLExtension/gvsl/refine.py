@@ -1,0 +1,476 @@
+"""Refinement of a Match pair on the pair itself (instance optimisation), coarse to fine.
+
+The network gives a start; this module optimises the mapping ``T(x) = A (x + w(x))`` (a
+:class:`gvsl.mapping.Mapping`) on the two images, as ANTs, elastix, ConvexAdam and
+uniGradICON's instance optimisation do:
+
+1. **Start.** Candidate affines (the network's, the images' foreground centres of mass,
+   their bounding-box centres, and scanner coordinates as they are) are each polished for a
+   few steps on the coarsest level; the lowest loss wins. Scans of different patients can
+   sit hundreds of millimetres apart in scanner coordinates, so a start must not depend
+   on the network alone.
+2. **Affine.** Twelve parameters, Adam, on the coarse levels.
+3. **Deformable.** A stationary velocity field on each level's grid, integrated by scaling
+   and squaring (MONAI ``DVF2DDF``), composed with the start's local field (the network's,
+   when it helps at that point, else none); similarity + diffusion regularisation, the
+   velocity carried from level to level.
+
+Levels are axis-aligned isotropic grids over the fixed image; the finest reaches the
+fixed image's own resolution unless that exceeds ``max_voxels`` (then the spacing grows
+until it fits). Similarity: local NCC (``lncc``, same modality) or MIND-SSC (``mind``,
+modality independent). All optimisation runs in float32 on the chosen torch device.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .conventions import Grid, identity_voxel_grid, sample_at, warp
+from .mapping import Mapping, lps_to_voxel_flow, voxel_flow_to_lps
+
+SIMILARITIES = ("lncc", "mind")
+
+
+@dataclass
+class RefineOptions:
+    """``iterations``: optimiser steps on the coarsest level; each finer level gets half of
+    the level above it (the affine stage uses the same count). 0 turns refinement off."""
+
+    iterations: int = 80
+    similarity: str = "lncc"
+    time_budget_s: Optional[float] = None
+    max_voxels: int = 1 << 20  # finest level: at most ~1 M voxels (a 2 mm brain, a 3 mm CT)
+    levels: int = 3
+    min_level_size: int = 24  # no level with a side shorter than this
+    smoothness: float = 1.0  # weight of the velocity's diffusion regulariser
+    lncc_window: int = 5
+    learning_rate: float = 0.5  # velocity, in control-grid voxels per step (Adam)
+
+
+@dataclass
+class RefineReport:
+    start: str = ""
+    start_losses: dict = field(default_factory=dict)
+    local_start: str = ""
+    levels: List[dict] = field(default_factory=list)
+    iterations: int = 0
+    stopped_by_time_budget: bool = False
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"start": self.start, "start_losses": self.start_losses, "local_start": self.local_start,
+                "levels": self.levels, "iterations": self.iterations,
+                "stopped_by_time_budget": self.stopped_by_time_budget, "seconds": self.seconds}
+
+
+# ------------------------------------------------------------------------- levels
+
+
+def axis_spacing(image: sitk.Image) -> np.ndarray:
+    """The image's voxel size along each LPS axis (x, y, z), whatever its direction."""
+    grid = Grid.of(image)
+    return np.abs(grid.direction_matrix) @ np.asarray(grid.spacing, dtype=np.float64)
+
+
+def grid_over(image: sitk.Image, spacing_xyz) -> Grid:
+    """An axis-aligned (LPS) grid of ``spacing_xyz`` covering ``image``, centred on it."""
+    grid = Grid.of(image)
+    spacing_xyz = np.asarray(spacing_xyz, dtype=np.float64)
+    size = np.maximum(2, np.ceil(grid.physical_extent() / spacing_xyz - 1e-6)).astype(int)
+    origin = grid.physical_bounds_center() - (size - 1) / 2.0 * spacing_xyz
+    return Grid(tuple(origin.tolist()), tuple(spacing_xyz.tolist()), tuple(np.eye(3).ravel().tolist()),
+                tuple(int(v) for v in size))
+
+
+def level_spacings(fixed: sitk.Image, options: RefineOptions, finest_spacing_mm: Optional[float] = None
+                   ) -> List[np.ndarray]:
+    """Per-axis spacings (x, y, z) of the pyramid, coarsest first. The finest follows the
+    fixed image's own voxel size on each axis (an anisotropic CT stays anisotropic: no
+    oversampling of thick slices); the isotropic part doubles from level to level, and
+    grows where the finest level would exceed ``options.max_voxels``."""
+    native = axis_spacing(fixed)
+    extent = Grid.of(fixed).physical_extent()
+    iso = float(native.min()) if finest_spacing_mm is None else float(finest_spacing_mm)
+    while np.prod(np.ceil(extent / np.maximum(native, iso))) > options.max_voxels:
+        iso *= 1.05
+    spacings = []
+    for level in range(options.levels):
+        spacing = np.maximum(native, iso * 2 ** level)
+        if level > 0 and np.ceil(extent / spacing).min() < options.min_level_size:
+            break
+        spacings.append(spacing)
+    return spacings[::-1]
+
+
+def nested_control_grid(grid: Grid, spacing_xyz) -> Grid:
+    """A coarser grid with the same first and last voxel centres as ``grid`` (so trilinear
+    ``F.interpolate(align_corners=True)`` maps one onto the other exactly)."""
+    fine = np.asarray(grid.spacing, dtype=np.float64)
+    span = (np.asarray(grid.size) - 1) * fine
+    size = np.maximum(2, np.ceil(span / np.asarray(spacing_xyz) - 1e-6).astype(int) + 1)
+    spacing = np.where(size > 1, span / np.maximum(size - 1, 1), fine)
+    return Grid(grid.origin, tuple(spacing.tolist()), grid.direction, tuple(int(v) for v in size))
+
+
+def volume_on(image: sitk.Image, grid: Grid, device) -> torch.Tensor:
+    """``image`` on ``grid`` (1, 1, D, H, W), Gaussian-smoothed first where the grid is
+    coarser than the image (no aliasing), zero outside."""
+    source = axis_spacing(image)
+    target = np.asarray(grid.spacing, dtype=np.float64)
+    sigma_xyz = np.sqrt(np.maximum(target ** 2 - source ** 2, 0.0)) / 2.0
+    if float(sigma_xyz.max()) > 0.1 * float(source.min()):
+        # SmoothingRecursiveGaussian takes sigmas along the image's own index axes.
+        sigma_ijk = np.abs(Grid.of(image).direction_matrix).T @ sigma_xyz
+        image = sitk.SmoothingRecursiveGaussian(image, np.maximum(sigma_ijk, 1e-3).tolist())
+    resampled = sitk.Resample(image, grid.size, sitk.Transform(), sitk.sitkLinear, grid.origin, grid.spacing,
+                              grid.direction, 0.0, sitk.sitkFloat32)
+    return torch.from_numpy(sitk.GetArrayFromImage(resampled))[None, None].to(device)
+
+
+# --------------------------------------------------------------------- similarity
+
+
+def box_filter(volume: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean over a ``window``^3 box (N, C, D, H, W), same size, replicate border. Running
+    sums (cumsum) cost the same for any window; on the CPU they are ~6x faster than
+    MONAI's convolution-based LNCC filter at 128^3 (measured)."""
+    half = window // 2
+    out = volume
+    for axis in (2, 3, 4):
+        pads = [0] * 6
+        pads[2 * (4 - axis)], pads[2 * (4 - axis) + 1] = half + 1, half
+        out = F.pad(out, pads, mode="replicate").cumsum(axis)
+        n = out.shape[axis]
+        out = (out.narrow(axis, window, n - window) - out.narrow(axis, 0, n - window)) / window
+    return out
+
+
+class LocalNCC:
+    """1 - squared local NCC over ``window``^3 boxes (VoxelMorph's LNCC), averaged inside
+    a mask; the fixed image's local statistics are computed once."""
+
+    def __init__(self, fixed: torch.Tensor, window: int, mask: torch.Tensor):
+        self.window, self.mask = window, mask
+        self.fixed = fixed
+        self.mean_fixed = box_filter(fixed, window)
+        self.var_fixed = (box_filter(fixed * fixed, window) - self.mean_fixed ** 2).clamp_min(0)
+
+    def __call__(self, warped: torch.Tensor) -> torch.Tensor:
+        mean_w = box_filter(warped, self.window)
+        cross = box_filter(warped * self.fixed, self.window) - mean_w * self.mean_fixed
+        var_w = (box_filter(warped * warped, self.window) - mean_w ** 2).clamp_min(0)
+        ncc2 = cross * cross / (var_w * self.var_fixed + 1e-5)
+        return 1.0 - (ncc2 * self.mask).sum() / self.mask.sum()
+
+
+def mind_ssc(volume: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
+    """MIND-SSC descriptor (N, 12, D, H, W) of (N, 1, D, H, W) (Heinrich et al., MICCAI
+    2013): patch distances between the 12 pairs of the six-neighbourhood at ``dilation``,
+    exp(-d / variance), normalised per voxel. Modality independent."""
+    d = dilation
+    six = [(d, 0, 0), (-d, 0, 0), (0, d, 0), (0, -d, 0), (0, 0, d), (0, 0, -d)]
+    pairs = [(i, j) for i in range(6) for j in range(i + 1, 6)
+             if sum((a - b) ** 2 for a, b in zip(six[i], six[j])) == 2 * d * d]
+    padded = F.pad(volume, [d] * 6, mode="replicate")
+    size = volume.shape[2:]
+
+    def shifted(offset):
+        z, y, x = (d + o for o in offset)
+        return padded[:, :, z:z + size[0], y:y + size[1], x:x + size[2]]
+
+    views = [shifted(o) for o in six]
+    distances = torch.cat([box_filter((views[i] - views[j]) ** 2, 2 * radius + 1) for i, j in pairs], dim=1)
+    distances = distances - distances.min(dim=1, keepdim=True).values
+    variance = distances.mean(dim=1, keepdim=True)
+    mean_variance = float(variance.mean())
+    variance = variance.clamp(min=mean_variance * 1e-3 + 1e-8, max=mean_variance * 1e3 + 1e-8)
+    descriptor = torch.exp(-distances / variance)
+    return descriptor / descriptor.max(dim=1, keepdim=True).values
+
+
+class Similarity:
+    """Loss between the fixed level volume and the moving one sampled at given voxels."""
+
+    def __init__(self, kind: str, fixed: torch.Tensor, moving: torch.Tensor, window: int):
+        if kind not in SIMILARITIES:
+            raise ValueError(f"unknown similarity {kind!r}; choose one of {', '.join(SIMILARITIES)}")
+        self.kind = kind
+        self.mask = _foreground(fixed, window)
+        if kind == "mind":
+            self.fixed, self.moving = mind_ssc(fixed), mind_ssc(moving)
+        else:
+            self.fixed, self.moving = fixed, moving
+            self.lncc = LocalNCC(fixed, window, self.mask)
+
+    def __call__(self, coords: torch.Tensor) -> torch.Tensor:
+        """``coords`` (1, 3, D, H, W): moving level voxels for each fixed level voxel."""
+        warped = sample_at(self.moving, coords)
+        if self.kind == "mind":
+            per_voxel = ((warped - self.fixed) ** 2).mean(dim=1, keepdim=True)
+            return (per_voxel * self.mask).sum() / self.mask.sum()
+        return self.lncc(warped)
+
+
+def _foreground(volume: torch.Tensor, window: int) -> torch.Tensor:
+    """Where the fixed image has structure (above 5 % of its 99th percentile), dilated."""
+    sample = volume.flatten()[:: max(1, volume.numel() // 200_000)]
+    threshold = 0.05 * float(torch.quantile(sample.float(), 0.99))
+    mask = (volume > threshold).float()
+    mask = F.max_pool3d(mask, kernel_size=window, stride=1, padding=window // 2)
+    return mask if mask.sum() > 0 else torch.ones_like(volume)
+
+
+# ------------------------------------------------------------------------- affine
+
+
+def _centre_of_mass(volume: torch.Tensor, grid: Grid) -> np.ndarray:
+    """LPS centre of mass of the foreground (voxels above 5 % of the maximum)."""
+    weights = volume[0, 0].double()
+    weights = weights * (weights > 0.05 * float(weights.max()))
+    total = float(weights.sum())
+    if total <= 0:
+        return grid.physical_bounds_center()
+    index = identity_voxel_grid(volume.shape[2:], dtype=torch.float64)[0]
+    voxel = (index * weights).reshape(3, -1).sum(1).numpy() / total
+    return grid.voxel_to_physical()[:3, :3] @ voxel + grid.voxel_to_physical()[:3, 3]
+
+
+def _translation(vector) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, 3] = vector
+    return m
+
+
+def _affine_matrix(base: torch.Tensor, linear_delta: torch.Tensor, translation: torch.Tensor,
+                   centre: torch.Tensor) -> torch.Tensor:
+    """``base @ D`` with ``D(x) = (I + linear_delta)(x - c) + c + translation`` (4x4)."""
+    linear = torch.eye(3, dtype=base.dtype) + linear_delta
+    top = torch.cat([linear, (centre - linear @ centre + translation)[:, None]], 1)
+    return base @ torch.cat([top, torch.eye(4, dtype=base.dtype)[3:]], 0)
+
+
+class _Level:
+    """One pyramid level: fixed and moving volumes on axis-aligned grids of one spacing,
+    the similarity, and the coarser control grid its velocity field lives on."""
+
+    def __init__(self, fixed: sitk.Image, moving: sitk.Image, spacing_xyz, control_spacing_xyz,
+                 options: RefineOptions, device):
+        self.grid = grid_over(fixed, spacing_xyz)
+        self.moving_grid = grid_over(moving, spacing_xyz)
+        self.control = nested_control_grid(self.grid, control_spacing_xyz)
+        self.fixed_volume = volume_on(fixed, self.grid, device)
+        self.moving_volume = volume_on(moving, self.moving_grid, device)
+        self.similarity = Similarity(options.similarity, self.fixed_volume, self.moving_volume, options.lncc_window)
+        self.index = identity_voxel_grid(self.grid.shape, device)
+        self.device = device
+        # control voxels -> level voxels, per tensor channel (d, h, w)
+        ratio = np.asarray(self.control.spacing) / np.asarray(self.grid.spacing)
+        self.control_to_level = torch.tensor(ratio[::-1].copy(), dtype=torch.float32, device=device).view(1, 3, 1, 1, 1)
+
+    def coords_for(self, affine: torch.Tensor, local_voxels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Moving level voxels of every fixed level voxel under ``affine`` (4x4 LPS, torch
+        float64) and a local displacement in fixed level voxels (1, 3, D, H, W)."""
+        to_fixed = torch.from_numpy(self.grid.voxel_to_physical())
+        to_moving = torch.from_numpy(self.moving_grid.physical_to_voxel())
+        m = (to_moving @ affine @ to_fixed).float().to(self.device)
+        p = self.index if local_voxels is None else self.index + local_voxels
+        return torch.einsum("ij,njdhw->nidhw", m[:3, :3], p) + m[:3, 3].view(1, 3, 1, 1, 1)
+
+    def upsample(self, control_displacement: torch.Tensor) -> torch.Tensor:
+        """A displacement in control voxels -> level voxels on the level grid."""
+        up = F.interpolate(control_displacement, size=self.grid.shape, mode="trilinear", align_corners=True)
+        return up * self.control_to_level
+
+
+def optimise_affine(level: _Level, affine: np.ndarray, steps: int, deadline: Callable[[], bool]
+                    ) -> Tuple[np.ndarray, float, int]:
+    """Adam on 12 affine parameters around the fixed level's centre; returns the best
+    (4x4, loss) seen and the number of steps taken."""
+    base = torch.from_numpy(affine)
+    centre = torch.from_numpy(level.grid.physical_bounds_center())
+    linear_delta = torch.zeros(3, 3, dtype=torch.float64, requires_grad=True)
+    translation = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.Adam([{"params": [linear_delta], "lr": 0.01},
+                                 {"params": [translation], "lr": 0.5 * float(min(level.grid.spacing))}])
+    best = (float("inf"), affine)
+    done = 0
+    while True:
+        matrix = _affine_matrix(base, linear_delta, translation, centre)
+        loss = level.similarity(level.coords_for(matrix))
+        value = float(loss.detach())
+        if value < best[0]:
+            best = (value, matrix.detach().numpy().copy())
+        if done == steps or deadline():
+            break
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        done += 1
+    return best[1], best[0], done
+
+
+# --------------------------------------------------------------------- deformable
+
+
+def integrate_velocity(velocity: torch.Tensor, steps: int = 6) -> torch.Tensor:
+    """Scaling and squaring of a stationary velocity field (N, 3, D, H, W) in voxels:
+    the displacement of its exponential. Same result as MONAI's ``DVF2DDF`` with border
+    padding (tested), ~2x faster on the CPU because it skips MONAI's per-step grid rebuild."""
+    displacement = velocity / (2 ** steps)
+    for _ in range(steps):
+        displacement = displacement + warp(displacement, displacement, padding_mode="border")
+    return displacement
+
+
+def _resample_voxel_field(field_voxels: torch.Tensor, source: Grid, target: Grid) -> torch.Tensor:
+    """A displacement in voxels of ``source`` -> the same physical field in voxels of
+    ``target``, sampled on ``target``."""
+    millimetres = voxel_flow_to_lps(field_voxels, source)
+    index = identity_voxel_grid(target.shape, field_voxels.device)
+    to_source = torch.from_numpy(source.physical_to_voxel() @ target.voxel_to_physical()).float().to(index)
+    coords = torch.einsum("ij,njdhw->nidhw", to_source[:3, :3], index) + to_source[:3, 3].view(1, 3, 1, 1, 1)
+    return lps_to_voxel_flow(sample_at(millimetres, coords, padding_mode="border"), target)
+
+
+def _start_local_voxels(start: Mapping, grid: Grid, device) -> Optional[torch.Tensor]:
+    if start.local is None:
+        return None
+    local_voxels = lps_to_voxel_flow(start.local, start.grid)
+    return _resample_voxel_field(local_voxels, start.grid, grid).to(device)
+
+
+def _compose(displacement: torch.Tensor, start_local: Optional[torch.Tensor]) -> torch.Tensor:
+    """Local displacement (voxels) of ``p -> q + w0(q)`` with ``q = p + s(p)``."""
+    if start_local is None:
+        return displacement
+    return displacement + warp(start_local, displacement, padding_mode="border")
+
+
+def _diffusion(velocity: torch.Tensor, spacing_dhw: torch.Tensor) -> torch.Tensor:
+    """Mean squared physical gradient of a velocity (voxels of a grid with ``spacing_dhw``
+    in mm per tensor axis), in (mm / mm)^2: independent of the grid's resolution."""
+    millimetres = velocity * spacing_dhw.view(1, 3, 1, 1, 1)
+    total = 0.0
+    for k, axis in enumerate((2, 3, 4)):
+        total = total + (millimetres.diff(dim=axis) ** 2).mean() / float(spacing_dhw[k]) ** 2
+    return total / 3.0
+
+
+def refine_mapping(fixed: sitk.Image, moving: sitk.Image, start: Mapping, options: RefineOptions,
+                   device=torch.device("cpu"), progress: Optional[Callable[[str, float], None]] = None,
+                   finest_spacing_mm: Optional[float] = None) -> Tuple[Mapping, RefineReport]:
+    """Optimise ``start`` on the pair. ``fixed`` and ``moving`` are intensity-normalised
+    images in [0, 1] (zero = background). Returns the refined mapping and a report."""
+    say = progress or (lambda stage, fraction: None)
+    t_start = time.perf_counter()
+    report = RefineReport()
+    budget = options.time_budget_s
+
+    def out_of_time() -> bool:
+        if budget is not None and time.perf_counter() - t_start > budget:
+            report.stopped_by_time_budget = True
+            return True
+        return False
+
+    spacings = level_spacings(fixed, options, finest_spacing_mm)
+    # Each level's velocity lives at the next coarser level's spacing (half resolution).
+    controls = [spacings[0] * 2.0] + spacings[:-1]
+    levels: List[_Level] = []
+
+    def level(k: int) -> _Level:
+        while len(levels) <= k:
+            i = len(levels)
+            levels.append(_Level(fixed, moving, spacings[i], controls[i], options, device))
+        return levels[k]
+
+    # 1. Start: candidates polished briefly on the coarsest level.
+    coarse = level(0)
+    fixed_com = _centre_of_mass(coarse.fixed_volume.cpu(), coarse.grid)
+    moving_com = _centre_of_mass(coarse.moving_volume.cpu(), coarse.moving_grid)
+    candidates = {
+        "network": start.affine,
+        "centre of mass": _translation(moving_com - fixed_com),
+        "image centres": _translation(Grid.of(moving).physical_bounds_center() - Grid.of(fixed).physical_bounds_center()),
+        "scanner": np.eye(4),
+    }
+    polish = max(5, options.iterations // 8)
+    polished = {}
+    t_stage = time.perf_counter()
+    for name, matrix in candidates.items():
+        polished[name] = optimise_affine(coarse, matrix, polish, out_of_time)
+        report.iterations += polished[name][2]
+        report.start_losses[name] = polished[name][1]
+    report.start = min(polished, key=lambda n: polished[n][1])
+    report.levels.append({"stage": "start", "candidates": len(candidates), "steps_each": polish,
+                          "seconds": time.perf_counter() - t_stage})
+    affine = polished[report.start][0]
+    say("refine affine", 0.1)
+
+    # 2. Affine on the coarse levels (the finest adds little for its cost).
+    for k in range(max(1, len(spacings) - 1)):
+        steps = max(5, options.iterations >> k)
+        t_stage = time.perf_counter()
+        affine, loss, done = optimise_affine(level(k), affine, steps, out_of_time)
+        report.iterations += done
+        report.levels.append({"stage": "affine", "spacing_mm": list(level(k).grid.spacing),
+                              "shape_dhw": list(level(k).grid.shape), "steps": done, "loss": loss,
+                              "seconds": time.perf_counter() - t_stage})
+    affine_t = torch.from_numpy(affine)
+
+    # The network's local field is kept only if it starts better than none.
+    first = level(0)
+    start_local = _start_local_voxels(start, first.grid, device)
+    with torch.no_grad():
+        loss_without = float(first.similarity(first.coords_for(affine_t)))
+        loss_with = (float(first.similarity(first.coords_for(affine_t, start_local)))
+                     if start_local is not None else float("inf"))
+    use_start_local = loss_with < loss_without
+    report.local_start = "network" if use_start_local else "none"
+    say("refine deformable", 0.3)
+
+    # 3. Deformable: stationary velocity field on each level's control grid, coarse to fine.
+    velocity, previous = None, None
+    for k in range(len(spacings)):
+        t_stage = time.perf_counter()
+        lvl = level(k)
+        w0 = _start_local_voxels(start, lvl.grid, device) if use_start_local else None
+        if velocity is None:
+            velocity = torch.zeros(1, 3, *lvl.control.shape, device=device)
+        else:
+            velocity = _resample_voxel_field(velocity.detach(), previous.control, lvl.control)
+        velocity.requires_grad_(True)
+        spacing_dhw = torch.tensor(lvl.control.spacing[::-1], dtype=torch.float32, device=device)
+        optimiser = torch.optim.Adam([velocity], lr=options.learning_rate)
+        steps = max(5, options.iterations >> k)
+        done, loss_value = 0, float("nan")
+        for _ in range(steps):
+            if out_of_time():
+                break
+            local = _compose(lvl.upsample(integrate_velocity(velocity)), w0)
+            loss_similarity = lvl.similarity(lvl.coords_for(affine_t, local))
+            loss = loss_similarity + options.smoothness * _diffusion(velocity, spacing_dhw)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            done += 1
+            loss_value = float(loss_similarity.detach())
+        report.iterations += done
+        report.levels.append({"stage": "deformable", "spacing_mm": list(lvl.grid.spacing),
+                              "shape_dhw": list(lvl.grid.shape), "control_shape_dhw": list(lvl.control.shape),
+                              "steps": done, "loss": loss_value, "seconds": time.perf_counter() - t_stage})
+        previous = lvl
+        say("refine deformable", 0.3 + 0.7 * (k + 1) / len(spacings))
+
+    finest = levels[-1]
+    with torch.no_grad():
+        w0 = _start_local_voxels(start, finest.grid, device) if use_start_local else None
+        local_voxels = _compose(finest.upsample(integrate_velocity(velocity.detach())), w0)
+        local = voxel_flow_to_lps(local_voxels, finest.grid).float().cpu()
+    report.seconds = time.perf_counter() - t_start
+    return Mapping(affine=affine, local=local, grid=finest.grid), report
