@@ -43,9 +43,11 @@ def known_pair():
 
 @pytest.fixture(scope="module")
 def matched(known_pair, rigged_model, tmp_path_factory):
+    """The network's answer alone (``refine_iters=0``): exports must reproduce the engine."""
     fixed, moving, _ = known_pair
     out = tmp_path_factory.mktemp("match")
-    result = match_pair(fixed, moving, rigged_model, device="cpu", preset="ct", spacing_mm=2.0, max_size=64)
+    result = match_pair(fixed, moving, rigged_model, device="cpu", preset="ct", spacing_mm=2.0, max_size=64,
+                        refine_iters=0)
     centre = Grid.of(fixed).physical_bounds_center()
     files = result.save(out, points=[{"point": centre.tolist(), "image": "fixed"}])
     return result, files, out
@@ -160,7 +162,8 @@ def test_heatmap_of_a_point_against_its_own_image_peaks_there(rigged_model, know
     texture = sitk.SmoothingRecursiveGaussian(texture, 1.0)
     texture.CopyInformation(reference)
     fixed = texture
-    result = match_pair(fixed, known_pair[1], rigged_model, device="cpu", preset="ct", spacing_mm=2.0, max_size=64)
+    result = match_pair(fixed, known_pair[1], rigged_model, device="cpu", preset="ct", spacing_mm=2.0, max_size=64,
+                        refine_iters=0)
     voxel = np.array([15, 20, 24])  # a working-grid voxel (d, h, w)
     point = (result.fixed_grid.voxel_to_physical() @ np.append(voxel, 1.0))[:3]
     heat, best, score = result.heatmap(point, source="fixed", target="fixed")
@@ -182,24 +185,155 @@ def test_points_file_formats(tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path):
+    """The shipped CT against a known affine + B-spline deformation of itself: the refined
+    match must land within 3 mm on average (CTChest4's voxels are 3 x 3 x 10 mm) and beat
+    the network alone."""
     from gvsl.demo import run_demo
     summary = run_demo(out=tmp_path / "demo", device="cpu", quiet=True)
     assert (tmp_path / "demo" / "report.png").exists()
-    assert summary["landmark_error_mm"]["before"]["mean"] > 5
-    for key in ("before", "after"):
-        assert 0 <= summary["mean_dice"][key] <= 1
-    # the shipped model must help on its own demo (figures in its model card)
-    assert summary["landmark_error_mm"]["after"]["mean"] < summary["landmark_error_mm"]["before"]["mean"]
-    assert summary["mean_dice"]["after"] > summary["mean_dice"]["before"]
-    assert summary["local_ncc"]["after"] > summary["local_ncc"]["before"]
+    assert (tmp_path / "demo" / "network_displacement.nii.gz").exists()
+    error, dice = summary["landmark_error_mm"], summary["mean_dice"]
+    assert error["before"]["mean"] > 5
+    for key in ("before", "network", "after"):
+        assert 0 <= dice[key] <= 1
+    assert error["after"]["mean"] < 3.0
+    assert error["after"]["mean"] < error["network"]["mean"] < error["before"]["mean"]
+    assert dice["after"] > 0.9 and dice["after"] > dice["network"] > dice["before"]
+    assert summary["local_ncc"]["after"] > summary["local_ncc"]["network"]
+    assert summary["folding_fraction"] < 0.005
 
 
 def test_working_grid_defaults_to_the_models_training_grid(known_pair, rigged_model):
     fixed, moving, _ = known_pair
     rigged_model.checkpoint_meta = {"preprocessing": {"spacing": 3.0}, "config": {"patch": [32, 32, 32]}}
     try:
-        result = match_pair(fixed, moving, rigged_model, device="cpu", preset="ct")
+        result = match_pair(fixed, moving, rigged_model, device="cpu", preset="ct", refine_iters=0)
     finally:
         del rigged_model.checkpoint_meta
     grid = result.metrics["working_grid"]
     assert max(grid["shape_dhw"]) <= 32 and grid["spacing_mm"] >= 3.0
+
+
+# ----------------------------------------------------------------- refinement
+
+
+@pytest.fixture(scope="module")
+def refined(known_pair, rigged_model, tmp_path_factory):
+    """The rigged network starts far off (its affine is deliberately wrong); refinement must
+    recover the known rigid transform from the pair itself."""
+    fixed, moving, _ = known_pair
+    out = tmp_path_factory.mktemp("refined")
+    result = match_pair(fixed, moving, rigged_model, device="cpu", preset="ct", spacing_mm=2.0, max_size=64,
+                        refine_iters=40)
+    return result, result.save(out, report=False), out
+
+
+def _interior_points(image, count, seed, margin=4):
+    rng = np.random.default_rng(seed)
+    size = np.asarray(image.GetSize())
+    index = rng.uniform(margin, size - 1 - margin, (count, 3))
+    return np.array([image.TransformContinuousIndexToPhysicalPoint(i.tolist()) for i in index])
+
+
+def test_refinement_recovers_a_known_transform(refined, known_pair):
+    result, _, _ = refined
+    fixed, _, truth = known_pair
+    points = _interior_points(fixed, 200, 1, margin=6)
+    # moving(x) = fixed(truth(x)), so a fixed point p sits at truth^-1(p) in the moving image.
+    true_moving = np.array([truth.GetInverse().TransformPoint(p.tolist()) for p in points])
+    error = np.linalg.norm(result.map_points(points) - true_moving, axis=1)
+    network_error = np.linalg.norm(result.map_points(points, network=True) - true_moving, axis=1)
+    assert np.median(error) < 1.5  # voxels are 1.5 x 1.6 x 3.2 mm
+    assert error.mean() < network_error.mean() / 3
+    m = result.metrics
+    assert m["local_ncc_stages"]["refined"] > m["local_ncc_stages"]["network"]
+    assert m["refinement"]["iterations"] > 0 and m["refinement"]["warning"] is None
+    assert m["folding_fraction"] < 0.005
+
+
+def test_refined_files_are_one_mapping(refined):
+    """displacement.nii.gz resamples the moving image onto warped.nii.gz (SimpleITK), the
+    points map like the engine, and the Jacobian file matches the field's own."""
+    result, files, out = refined
+    fixed, moving = result.fixed, result.moving
+    field = sitk.ReadImage(files["displacement"])
+    tx = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    itk_warped = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, tx, sitk.sitkLinear, -5000.0))
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(files["warped"]))
+    overlap = itk_warped > -4000
+    assert overlap.mean() > 0.5
+    assert ncc_on(ours, itk_warped, overlap) > 0.99
+    for x in _interior_points(fixed, 30, 2):
+        assert np.linalg.norm(np.asarray(tx.TransformPoint(x.tolist())) - result.map_points(x)[0]) < 0.05
+    ours_jac = sitk.GetArrayFromImage(sitk.ReadImage(files["jacobian"]))[2:-2, 2:-2, 2:-2]
+    itk_jac = sitk.GetArrayFromImage(jacobian_determinant(field))[2:-2, 2:-2, 2:-2]
+    assert np.median(np.abs(ours_jac - itk_jac)) < 0.05
+    assert (out / "network_displacement.nii.gz").exists()
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert set(metrics["local_ncc_stages"]) == {"before", "network_affine", "network", "refined_affine", "refined"}
+    assert metrics["local_ncc_after"] == metrics["local_ncc_stages"]["refined"]
+
+
+def test_pair_400_mm_apart_in_scanner_coordinates_still_aligns(known_pair, rigged_model):
+    fixed, moving, truth = known_pair
+    far = sitk.Image(moving)
+    far.SetOrigin((np.asarray(moving.GetOrigin()) + [400.0, -150.0, 60.0]).tolist())
+    result = match_pair(fixed, far, rigged_model, device="cpu", preset="ct", spacing_mm=2.0, max_size=64,
+                        refine_iters=40)
+    points = _interior_points(fixed, 100, 3, margin=6)
+    true_far = np.array([truth.GetInverse().TransformPoint(p.tolist()) for p in points]) + [400.0, -150.0, 60.0]
+    assert np.median(np.linalg.norm(result.map_points(points) - true_far, axis=1)) < 2.0
+
+
+def test_refinement_worse_than_its_start_is_reported(known_pair, rigged_model, monkeypatch):
+    """A refinement that ends less similar than no registration must say so."""
+    import gvsl.refine as refine
+    from gvsl.mapping import Mapping
+
+    def sabotaged(fixed, moving, start, options, device, progress=None):
+        return Mapping(np.diag([1.0, -1.0, 1.0, 1.0])), refine.RefineReport(start="sabotaged")
+
+    monkeypatch.setattr(refine, "refine_mapping", sabotaged)
+    fixed, moving, _ = known_pair
+    result = match_pair(fixed, moving, rigged_model, device="cpu", preset="ct", spacing_mm=2.0, max_size=64,
+                        refine_iters=5)
+    assert "less similar" in result.metrics["refinement"]["warning"]
+
+
+def test_scaling_and_squaring_equals_monai():
+    from monai.networks.blocks import DVF2DDF
+    from gvsl.refine import integrate_velocity
+    torch.manual_seed(0)
+    velocity = torch.nn.functional.interpolate(torch.randn(1, 3, 4, 5, 6) * 3, size=(12, 14, 16), mode="trilinear")
+    ours = integrate_velocity(velocity, steps=6)
+    theirs = DVF2DDF(num_steps=6, mode="bilinear", padding_mode="border")(velocity)
+    assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_lncc_box_filter_equals_monai():
+    from monai.losses import LocalNormalizedCrossCorrelationLoss
+    from gvsl.refine import LocalNCC
+    torch.manual_seed(0)
+    a = torch.rand(1, 1, 16, 18, 20)
+    b = a * 0.7 + 0.3 * torch.rand(1, 1, 16, 18, 20)
+    inner = (slice(None), slice(None), slice(3, -3), slice(3, -3), slice(3, -3))  # borders pad differently
+    ours = LocalNCC(b, 5, torch.ones_like(b), epsilon=1e-12)
+    mask = torch.zeros_like(b)
+    mask[inner] = 1
+    ours.mask = mask
+    monai = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=5, kernel_type="rectangular",
+                                                reduction="none", smooth_nr=0.0, smooth_dr=1e-12)
+    expected = 1.0 + monai(a, b)[inner].mean()
+    assert float(ours(a)) == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_mind_descriptor_is_modality_independent():
+    """MIND-SSC of an image and of a monotone remapping of it (a contrast change) agree."""
+    from gvsl.refine import mind_ssc
+    torch.manual_seed(0)
+    a = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 24, 24, 24), 3, 1, 1)
+    inverted = 1.0 - a ** 2
+    da, db = mind_ssc(a), mind_ssc(inverted)
+    assert da.shape == (1, 12, 24, 24, 24)
+    other = mind_ssc(torch.rand(1, 1, 24, 24, 24))
+    assert (da - db).abs().mean() < 0.5 * (da - other).abs().mean()

@@ -287,8 +287,9 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
     local = (out.flow - out.affine_flow).float().cpu()
     warped_w = out.warped[0, 0].float().cpu().numpy()
     voxel = voxel_affine_to_matrix(voxel_affine, fixed_grid.shape)
+    # The fused field is A(p + u(p)) (conventions.compose_affine_then_local): u is the local part.
     network = Mapping(affine=moving_grid.voxel_to_physical() @ voxel @ fixed_grid.physical_to_voxel(),
-                      local=voxel_flow_to_lps(local, fixed_grid), grid=fixed_grid)
+                      local=voxel_flow_to_lps(out.local_flow.float().cpu(), fixed_grid), grid=fixed_grid)
 
     refinement = {"iterations": 0, "similarity": similarity, "seconds": 0.0}
     final = network

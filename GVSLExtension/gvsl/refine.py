@@ -155,8 +155,9 @@ class LocalNCC:
     """1 - squared local NCC over ``window``^3 boxes (VoxelMorph's LNCC), averaged inside
     a mask; the fixed image's local statistics are computed once."""
 
-    def __init__(self, fixed: torch.Tensor, window: int, mask: torch.Tensor):
-        self.window, self.mask = window, mask
+    def __init__(self, fixed: torch.Tensor, window: int, mask: torch.Tensor, epsilon: float = 1e-5):
+        # epsilon keeps flat regions (air) from amplifying noise: their NCC goes to 0.
+        self.window, self.mask, self.epsilon = window, mask, epsilon
         self.fixed = fixed
         self.mean_fixed = box_filter(fixed, window)
         self.var_fixed = (box_filter(fixed * fixed, window) - self.mean_fixed ** 2).clamp_min(0)
@@ -165,7 +166,7 @@ class LocalNCC:
         mean_w = box_filter(warped, self.window)
         cross = box_filter(warped * self.fixed, self.window) - mean_w * self.mean_fixed
         var_w = (box_filter(warped * warped, self.window) - mean_w ** 2).clamp_min(0)
-        ncc2 = cross * cross / (var_w * self.var_fixed + 1e-5)
+        ncc2 = cross * cross / (var_w * self.var_fixed + self.epsilon)
         return 1.0 - (ncc2 * self.mask).sum() / self.mask.sum()
 
 
