@@ -15,10 +15,11 @@ applied to the slab's indices (no per-voxel float64 work, no full-volume point l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .conventions import Grid, identity_voxel_grid, sample_at
 
@@ -53,11 +54,11 @@ class Mapping:
         return sample_at(self.local, coords, padding_mode="border").reshape(3, -1).T.double().numpy()
 
     # ----------------------------------------------------------------- slabs
-    def _local_on(self, voxel_matrix: np.ndarray, index: torch.Tensor) -> torch.Tensor:
-        """``w`` at output voxel indices ``index`` (1, 3, d, h, w); ``voxel_matrix`` maps
-        output voxels to this mapping's local-grid voxels."""
-        q = _apply_affine(voxel_matrix, index)
-        return sample_at(self.local, q, padding_mode="border")
+    def _local_on(self, to_local: np.ndarray, points: torch.Tensor) -> torch.Tensor:
+        """``w`` (1, 3, d, h, w) at output voxels ``points`` (1, d, h, w, 3, channels
+        last); ``to_local`` maps output voxels to this mapping's local-grid voxels."""
+        coords = points.apply(sample_matrix(self.local.shape[2:]) @ to_local)
+        return F.grid_sample(self.local, coords, mode="bilinear", padding_mode="border", align_corners=True)
 
     def displacement_slabs(self, grid: Grid, slab_voxels: int = DEFAULT_SLAB_VOXELS
                            ) -> Iterator[Tuple[int, int, torch.Tensor]]:
@@ -65,14 +66,13 @@ class Mapping:
         to_phys = grid.voxel_to_physical()
         # (A - I) x for x = M p is affine in p; the local part is L w.
         affine_part = (self.affine - np.eye(4)) @ to_phys
-        affine_part[3, 3] = 1.0
         linear = torch.from_numpy(self.affine[:3, :3].astype(np.float32))
         to_local = self.grid.physical_to_voxel() @ to_phys if self.local is not None else None
-        for d0, d1, index in slab_indices(grid, slab_voxels):
-            u = _apply_affine(affine_part, index)
+        for d0, d1, points in slab_points(grid, slab_voxels):
+            u = points.apply(affine_part)
             if self.local is not None:
-                u = u + torch.einsum("ij,njdhw->nidhw", linear, self._local_on(to_local, index))
-            yield d0, d1, u[0].permute(1, 2, 3, 0)
+                u = u + torch.einsum("ij,njdhw->ndhwi", linear, self._local_on(to_local, points))
+            yield d0, d1, u[0]
 
     def warp_slabs(self, grid: Grid, moving: torch.Tensor, moving_grid: Grid, background: float = 0.0,
                    mode: str = "bilinear", slab_voxels: int = DEFAULT_SLAB_VOXELS
@@ -80,16 +80,18 @@ class Mapping:
         """``moving(T(x))`` on ``grid`` as (d0, d1, tensor (d1-d0, H, W)); ``moving`` is
         (1, C, D, H, W) on ``moving_grid``; outside it reads ``background``."""
         to_phys = grid.voxel_to_physical()
-        to_moving = moving_grid.physical_to_voxel()
-        affine_part = to_moving @ self.affine @ to_phys
-        local_linear = torch.from_numpy((to_moving[:3, :3] @ self.affine[:3, :3]).astype(np.float32))
+        to_sample = sample_matrix(moving.shape[2:]) @ moving_grid.physical_to_voxel()
+        affine_part = to_sample @ self.affine @ to_phys
+        local_linear = torch.from_numpy((to_sample[:3, :3] @ self.affine[:3, :3]).astype(np.float32))
         to_local = self.grid.physical_to_voxel() @ to_phys if self.local is not None else None
-        shifted = moving - background
-        for d0, d1, index in slab_indices(grid, slab_voxels):
-            r = _apply_affine(affine_part, index)
+        shifted = moving - background if background else moving
+        for d0, d1, points in slab_points(grid, slab_voxels):
+            coords = points.apply(affine_part)
             if self.local is not None:
-                r = r + torch.einsum("ij,njdhw->nidhw", local_linear, self._local_on(to_local, index))
-            values = sample_at(shifted, r, mode=mode) + background
+                coords = coords + torch.einsum("ij,njdhw->ndhwi", local_linear, self._local_on(to_local, points))
+            values = F.grid_sample(shifted, coords, mode=mode, padding_mode="zeros", align_corners=True)
+            if background:
+                values = values + background
             yield d0, d1, values[0, 0] if values.shape[1] == 1 else values[0]
 
     # -------------------------------------------------------------- Jacobian
@@ -105,13 +107,15 @@ class Mapping:
         """det(dT/dx) on ``grid``, interpolated from the local grid's finite differences."""
         if self.local is None:
             det_l = float(np.linalg.det(self.affine[:3, :3]))
-            for d0, d1, _ in slab_indices(grid, slab_voxels):
+            for d0, d1, _ in slab_points(grid, slab_voxels):
                 yield d0, d1, torch.full((d1 - d0, *grid.shape[1:]), det_l)
             return
         det = self.jacobian_on_local_grid()[None, None]
-        to_local = self.grid.physical_to_voxel() @ grid.voxel_to_physical()
-        for d0, d1, index in slab_indices(grid, slab_voxels):
-            yield d0, d1, sample_at(det, _apply_affine(to_local, index), padding_mode="border")[0, 0]
+        to_sample = sample_matrix(det.shape[2:]) @ self.grid.physical_to_voxel() @ grid.voxel_to_physical()
+        for d0, d1, points in slab_points(grid, slab_voxels):
+            values = F.grid_sample(det, points.apply(to_sample), mode="bilinear", padding_mode="border",
+                                   align_corners=True)
+            yield d0, d1, values[0, 0]
 
 
 def local_jacobian_determinant(local: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -124,23 +128,42 @@ def local_jacobian_determinant(local: torch.Tensor, grid: Grid) -> torch.Tensor:
     return torch.linalg.det(jac)
 
 
-def slab_indices(grid: Grid, slab_voxels: int = DEFAULT_SLAB_VOXELS) -> Iterator[Tuple[int, int, torch.Tensor]]:
-    """(d0, d1, voxel indices (1, 3, d1-d0, H, W) float32) covering ``grid`` slab by slab."""
+def sample_matrix(shape: Sequence[int]) -> np.ndarray:
+    """4x4: voxel ``(d, h, w)`` of a volume of ``shape`` -> grid_sample's normalised
+    ``(x, y, z)`` (align_corners=True), the convention of :func:`conventions.voxel_to_normalized`."""
+    m = np.zeros((4, 4))
+    for row, axis in enumerate((2, 1, 0)):
+        m[row, axis] = 2.0 / max(shape[axis] - 1, 1)
+        m[row, 3] = -1.0
+    m[3, 3] = 1.0
+    return m
+
+
+class Slab:
+    """Output voxels ``d0 <= d < d1`` of a grid (all h, w)."""
+
+    def __init__(self, d0: int, d1: int, height: int, width: int):
+        self.d0, self.d1, self.height, self.width = d0, d1, height, width
+
+    def apply(self, matrix: np.ndarray) -> torch.Tensor:
+        """A 4x4 (float64) affine of the voxel coordinates ``(d, h, w)``, evaluated on the
+        slab: (1, d1-d0, H, W, 3) float32, channels last (what grid_sample takes). The map
+        is separable, so it is three broadcast adds, not a per-voxel matrix product."""
+        m = torch.from_numpy(matrix[:3, :4].astype(np.float64))
+        d = torch.arange(self.d0, self.d1, dtype=torch.float64).view(-1, 1, 1, 1) * m[:, 0]
+        h = torch.arange(self.height, dtype=torch.float64).view(1, -1, 1, 1) * m[:, 1]
+        w = torch.arange(self.width, dtype=torch.float64).view(1, 1, -1, 1) * m[:, 2]
+        # The large per-plane offsets are summed in float64 before the cast to float32.
+        return ((d + m[:, 3]).float() + (h.float() + w.float()))[None]
+
+
+def slab_points(grid: Grid, slab_voxels: int = DEFAULT_SLAB_VOXELS) -> Iterator[Tuple[int, int, Slab]]:
+    """(d0, d1, :class:`Slab`) covering ``grid`` slab by slab."""
     depth, height, width = grid.shape
     rows = max(1, slab_voxels // max(1, height * width))
-    plane = identity_voxel_grid((1, height, width))
     for d0 in range(0, depth, rows):
         d1 = min(depth, d0 + rows)
-        index = plane.expand(1, 3, d1 - d0, height, width).clone()
-        index[:, 0] = torch.arange(d0, d1, dtype=torch.float32).view(-1, 1, 1)
-        yield d0, d1, index
-
-
-def _apply_affine(matrix: np.ndarray, index: torch.Tensor) -> torch.Tensor:
-    """A 4x4 (float64) affine applied to coordinates (1, 3, ...) in float32."""
-    m = torch.from_numpy(matrix[:3, :3].astype(np.float32))
-    t = torch.from_numpy(matrix[:3, 3].astype(np.float32)).view(1, 3, *([1] * (index.dim() - 2)))
-    return torch.einsum("ij,nj...->ni...", m, index) + t
+        yield d0, d1, Slab(d0, d1, height, width)
 
 
 def voxel_flow_to_lps(flow: torch.Tensor, grid: Grid) -> torch.Tensor:

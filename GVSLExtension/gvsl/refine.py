@@ -133,6 +133,17 @@ def volume_on(image: sitk.Image, grid: Grid, device) -> torch.Tensor:
     return torch.from_numpy(sitk.GetArrayFromImage(resampled))[None, None].to(device)
 
 
+def _reduced(image: sitk.Image, spacing_xyz) -> sitk.Image:
+    """``image`` on an axis-aligned grid of ``spacing_xyz`` (smoothed first), if that
+    holds under half its voxels; else ``image`` itself."""
+    grid = Grid.of(image)
+    target = grid_over(image, spacing_xyz)
+    if np.prod(target.size) * 2 > np.prod(grid.size):
+        return image
+    array = volume_on(image, target, "cpu")[0, 0].numpy()
+    return target.apply_to(sitk.GetImageFromArray(array))
+
+
 # --------------------------------------------------------------------- similarity
 
 
@@ -407,6 +418,10 @@ def refine_mapping(fixed: sitk.Image, moving: sitk.Image, start: Mapping, option
         return False
 
     spacings = level_spacings(fixed, options, finest_spacing_mm)
+    # A fine scan (a 512^2 x 600 CT) is smoothed and reduced once to the finest level's
+    # spacing; every level is then built from that, not from the full volume.
+    fixed = _reduced(fixed, spacings[-1])
+    moving = _reduced(moving, spacings[-1])
     # Each level's velocity lives at the next coarser level's spacing (half resolution).
     controls = [spacings[0] * 2.0] + spacings[:-1]
     levels: List[_Level] = []
