@@ -121,7 +121,7 @@ class StopFlag:
         self._signalled = True
 
     def __enter__(self):
-        # SIGBREAK: what the Slicer panel's Stop sends on Windows (CTRL_BREAK_EVENT).
+        # SIGBREAK: Ctrl-Break in a Windows console (the Slicer panel uses the stop file instead).
         for sig in (signal.SIGINT, signal.SIGTERM) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ()):
             try:
                 self._previous[sig] = signal.signal(sig, self._handler)

@@ -214,7 +214,11 @@ class GVSLLogic:
         from gvsl.match import MatchResult
         result = MatchResult.load_state(folder, mrml_io.volume_to_image(fixedVolumeNode),
                                         mrml_io.volume_to_image(movingVolumeNode))
-        return self.importMatchResult(result, fixedVolumeNode, movingVolumeNode)
+        imported = self.importMatchResult(result, fixedVolumeNode, movingVolumeNode)
+        metrics_path = Path(folder) / "metrics.json"
+        if metrics_path.is_file():  # what gvsl match reported last (refinement included)
+            imported.metrics.update(json.loads(metrics_path.read_text(encoding="utf-8")))
+        return imported
 
     def importMatchResult(self, result: "MatchResult", fixedVolumeNode, movingVolumeNode) -> MatchPairResult:
         """Create (or update, for the same pair) the transform, warped and Jacobian nodes."""
