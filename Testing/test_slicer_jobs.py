@@ -184,3 +184,62 @@ def test_job_command_passes_the_stop_file_to_the_child(tmp_path):
     assert job.command[:3] == ["/opt/Slicer/bin/PythonSlicer", "-m", "gvsl"]
     assert job.command[-2:] == ["--progress", "json"]
     assert job.env[stopfile.STOP_FILE_ENV] == str(tmp_path / "run" / "STOP")
+
+
+def test_windows_start_hides_the_console_and_kills_through_its_job_object(monkeypatch, tmp_path):
+    """The Windows branch, with Popen and the Job Object replaced by fakes (runs on any OS)."""
+    import io
+    import subprocess
+    from GVSLModuleLib import jobs
+
+    class FakeStartupInfo:
+        dwFlags, wShowWindow = 0, 1
+
+    class FakeProcess:
+        pid = 4242
+
+        def __init__(self, command, **kwargs):
+            self.command, self.kwargs = command, kwargs
+            self.stdout, self.stderr = io.StringIO('{"event": "start"}\n'), io.StringIO("")
+            self.code = None
+
+        def poll(self):
+            return self.code
+
+    class FakeJobObject:
+        instances = []
+
+        def __init__(self):
+            self.assigned, self.terminated, self.closed = None, 0, False
+            FakeJobObject.instances.append(self)
+
+        def assign(self, process):
+            self.assigned = process
+            return True
+
+        def terminate(self):
+            self.terminated += 1
+
+        def close(self):
+            self.closed = True
+
+    taskkills = []
+    monkeypatch.setattr(jobs, "ON_WINDOWS", True)
+    monkeypatch.setattr(subprocess, "STARTUPINFO", FakeStartupInfo, raising=False)
+    monkeypatch.setattr(subprocess, "STARTF_USESHOWWINDOW", 1, raising=False)
+    monkeypatch.setattr(subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: taskkills.append(args))
+    monkeypatch.setattr(jobs, "_WindowsJobObject", FakeJobObject)
+    job = GVSLJob(["pretrain", "--out", tmp_path], python=["PythonSlicer.exe"], stop_file=tmp_path / "STOP").start()
+    info = job.process.kwargs["startupinfo"]
+    assert info.dwFlags & 1 and info.wShowWindow == 0  # SW_HIDE, as slicer.util.launchConsoleProcess
+    assert "start_new_session" not in job.process.kwargs and "creationflags" not in job.process.kwargs
+    job_object = FakeJobObject.instances[-1]
+    assert job_object.assigned is job.process
+    job.request_stop()
+    assert (tmp_path / "STOP").is_file()  # no console event is sent
+    job.kill_tree()
+    assert job_object.terminated == 1 and taskkills == [["taskkill", "/F", "/T", "/PID", "4242"]]
+    job.process.code = 0  # once the launcher has gone, only the Job Object is used
+    job.finish()
+    assert job_object.terminated == 2 and len(taskkills) == 1 and job_object.closed

@@ -28,6 +28,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 from gvsl import stopfile
 
+ON_WINDOWS = os.name == "nt"
+
 
 def engine_parent_dir() -> str:
     """The folder that holds the ``gvsl`` package, for the child's PYTHONPATH."""
@@ -115,7 +117,7 @@ class GVSLJob:
     def start(self) -> "GVSLJob":
         stopfile.clear(self.stop_file)  # a request left by an earlier run must not stop this one
         kwargs = {}
-        if os.name == "nt":
+        if ON_WINDOWS:
             # Hide the console window as slicer.util.launchConsoleProcess does.
             info = subprocess.STARTUPINFO()
             info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
@@ -126,7 +128,7 @@ class GVSLJob:
         self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         stdin=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace",
                                         env=self.env, bufsize=1, **kwargs)
-        if os.name == "nt":
+        if ON_WINDOWS:
             try:
                 self._windows_job = _WindowsJobObject()
                 self._windows_job.assign(self.process)
@@ -225,7 +227,7 @@ class GVSLJob:
             return
         if self.running:
             self.killed = True
-        if os.name == "nt":
+        if ON_WINDOWS:
             if self._windows_job is not None:
                 self._windows_job.terminate()
             if self.process.poll() is None:
