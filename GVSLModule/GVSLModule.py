@@ -511,9 +511,12 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                 _("stopped") + (f" at step {done['step']}" if "step" in done else ""))
                 elif error:
                     slicer.util.errorDisplay(f"GVSL {name} failed:\n{error}")
-                elif job.returncode == 0 and onDone is not None:
+                elif job.returncode == 0:
+                    if job.statusLabel is not None:
+                        job.statusLabel.text = _("done")
                     try:
-                        onDone()
+                        if onDone is not None:
+                            onDone()
                     except Exception as exc:
                         logging.exception("GVSL")
                         slicer.util.errorDisplay(f"GVSL {name}: {exc}")
