@@ -19,10 +19,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from gvsl.stopfile import STOP_FILE_NAME  # torch-free
+
 from . import mrml_io
 from .jobs import GVSLJob
-
-STOP_FILE_NAME = "STOP"  # gvsl.stopfile.STOP_FILE_NAME, in a training run's folder
 
 # The engine (torch, MONAI) is imported inside the methods that run it: the panel builds
 # this logic before it has offered to install those packages.
@@ -65,7 +65,6 @@ def residual_displacement(result: "MatchResult", max_voxels: int = MAX_RESIDUAL_
     residual = result.map_points(x) - y
     image = sitk.GetImageFromArray(residual.reshape(*grid.shape, 3), isVector=True)
     return grid.apply_to(image)
-
 
 
 def match_options(refineIterations=None, similarity="lncc", timeBudgetSeconds=None, precision="auto") -> Dict:
