@@ -243,3 +243,17 @@ def test_windows_start_hides_the_console_and_kills_through_its_job_object(monkey
     job.process.code = 0  # once the launcher has gone, only the Job Object is used
     job.finish()
     assert job_object.terminated == 2 and len(taskkills) == 1 and job_object.closed
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGTERM to oneself is POSIX")
+def test_signals_still_request_a_stop(monkeypatch):
+    from gvsl import stopfile
+    from gvsl.runtime import StopFlag
+    monkeypatch.delenv(stopfile.STOP_FILE_ENV, raising=False)
+    with StopFlag() as flag:
+        assert not flag.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.time() + 5
+        while not flag.requested and time.time() < deadline:
+            time.sleep(0.01)
+        assert flag.requested
