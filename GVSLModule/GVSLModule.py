@@ -10,12 +10,15 @@ import sys
 import tempfile
 from typing import Annotated
 
+import ctk
 import qt
 import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import (Choice, GuiConnector, WithinRange, parameterNodeGuiConnector,
+                                         parameterNodeWrapper, unannotatedType)
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
@@ -53,7 +56,8 @@ class GVSLModule(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("GVSL")
-        self.parent.categories = [_("Registration")]
+        # The category's translation context is the one of Slicer's built-in category names.
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
         self.parent.dependencies = []
         self.parent.contributors = ["GVSL for 3D Slicer developers"]
         self.parent.helpText = _("""
@@ -70,31 +74,24 @@ CVPR 2023. Sample data: slicerio's CTChest4 and nilearn's MNI152 template.
         slicer.app.connect("startupCompleted()", registerSampleData)
 
 
-def _write_sample_pair(folder):
-    """The shipped chest CT and a twin deformed by a known transform (no download)."""
-    import SimpleITK as sitk
-    from gvsl.samples import chest_ct, deformed_copy, random_deformation
-    ct, labels, _names = chest_ct()
-    twin, _ = deformed_copy(ct, labels, random_deformation(ct, seed=7))
-    paths = [os.path.join(folder, "GVSLChestCT.nrrd"), os.path.join(folder, "GVSLChestCTDeformed.nrrd")]
-    sitk.WriteImage(ct, paths[0])
-    sitk.WriteImage(twin, paths[1])
-    return paths
-
-
 def registerSampleData():
-    """Two SampleData entries generated on the computer (customDownloader): nothing is
-    downloaded; the uri is a label SampleData requires but never fetches."""
+    """Two Sample Data module entries, generated on this computer (nothing is downloaded).
+    They work from the Sample Data module's buttons only (``customDownloader``);
+    ``SampleData.downloadSample("GVSLChestCT")`` would try to fetch the placeholder uri.
+    Scripts call ``GVSLModuleLogic().core.loadSamplePair()``."""
     import SampleData
 
     def load(source):
+        from GVSLModuleLib import dependencies
+        if not dependencies.engine_ready():
+            slicer.util.errorDisplay(_("The GVSL samples need Python packages that are not installed yet: open "
+                                       "the GVSL module and click Install."))
+            return []
         folder = os.path.join(slicer.app.cachePath, "GVSL")
-        os.makedirs(folder, exist_ok=True)
-        paths = _write_sample_pair(folder)
-        index = 0 if source.sampleName == "GVSLChestCT" else 1
-        return [slicer.util.loadVolume(paths[index], {"name": source.sampleName})]
+        return [GVSLModuleLogic().core.loadSampleVolume(source.sampleName, folder)]
 
-    for name in ("GVSLChestCT", "GVSLChestCTDeformed"):
+    from GVSLModuleLib.logic import SAMPLE_NAMES
+    for name in SAMPLE_NAMES:
         SampleData.SampleDataLogic.registerCustomSampleDataSource(
             category="GVSL", sampleName=name, uris=f"gvsl-generated:{name}", fileNames=f"{name}.nrrd",
             nodeNames=name, thumbnailFileName=resource_path("Icons/GVSLModule.png"), loadFileType="VolumeFile",
@@ -106,6 +103,42 @@ def registerSampleData():
 #
 
 
+@parameterNodeGuiConnector
+class GVSLPathLineEditToStrConnector(GuiConnector):
+    """``ctkPathLineEdit`` <-> ``str``. Slicer's own ctkPathLineEdit connector takes only
+    pathlib types (5.6 to 5.10), whose empty value ``Path("")`` is ``Path(".")``: shown as
+    "." and truthy. With ``str``, an empty field stays "" and the panel tests ``if path:``."""
+
+    @staticmethod
+    def canRepresent(widget, datatype) -> bool:
+        return type(widget) == ctk.ctkPathLineEdit and unannotatedType(datatype) == str
+
+    @staticmethod
+    def create(widget, datatype):
+        if GVSLPathLineEditToStrConnector.canRepresent(widget, datatype):
+            return GVSLPathLineEditToStrConnector(widget)
+        return None
+
+    def __init__(self, widget):
+        super().__init__()
+        self._widget = widget
+
+    def _connect(self):
+        self._widget.currentPathChanged.connect(self.changed)
+
+    def _disconnect(self):
+        self._widget.currentPathChanged.disconnect(self.changed)
+
+    def widget(self):
+        return self._widget
+
+    def read(self):
+        return self._widget.currentPath
+
+    def write(self, value) -> None:
+        self._widget.currentPath = value
+
+
 @parameterNodeWrapper
 class GVSLModuleParameterNode:
     checkpointPath: str = ""
@@ -113,6 +146,10 @@ class GVSLModuleParameterNode:
     fixedVolume: vtkMRMLScalarVolumeNode
     movingVolume: vtkMRMLScalarVolumeNode
     preset: Annotated[str, Choice(["auto", "ct", "mr"])] = "auto"
+    refineIterations: Annotated[int, WithinRange(-1, 100000)] = -1  # -1: the engine's default schedule
+    similarity: Annotated[str, Choice(["lncc", "mind"])] = "lncc"
+    timeBudgetSeconds: Annotated[float, WithinRange(0.0, 86400.0)] = 0.0  # 0: no budget
+    precision: Annotated[str, Choice(["auto", "fp32", "bf16", "fp16"])] = "auto"
     showTransformGrid: bool = False
     queryIn: Annotated[str, Choice(["fixed", "moving"])] = "fixed"
     heatmapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
@@ -158,7 +195,7 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = GVSLModuleLogic()
+        self.logic = GVSLModuleLogic()  # imports neither torch nor MONAI: those may not be installed yet
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -176,6 +213,7 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.finetuneResumeButton.connect("clicked(bool)", lambda: self.onFinetune(resume=True))
         self.ui.finetuneStopButton.connect("clicked(bool)", lambda: self.stopJob("finetune"))
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
+        self.ui.cancelSegmentButton.connect("clicked(bool)", lambda: self.stopJob("segment"))
 
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(200)
@@ -194,7 +232,9 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         self.removeObservers()
         for job, _on_done in self.jobs.values():
-            job.stop(grace_s=10)  # Slicer is closing: the child may save, then its tree goes
+            job.request_stop()  # all at once: each child saves while the others do
+        for job, _on_done in self.jobs.values():
+            job.stop(grace_s=10)  # Slicer is closing: then the job's process tree goes
 
     def enter(self):
         self.initializeParameterNode()
@@ -237,6 +277,7 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.finetuneResumeButton.enabled = "finetune" not in running
         self.ui.finetuneStopButton.enabled = "finetune" in running
         self.ui.segmentButton.enabled = bool(p and p.segmentVolume and p.segmentCheckpoint) and "segment" not in running
+        self.ui.cancelSegmentButton.enabled = "segment" in running
 
     # ------------------------------------------------------------ dependencies
     def updateDeviceLabel(self):
@@ -263,16 +304,25 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if ask and not slicer.util.confirmOkCancelDisplay(
                 _("GVSL needs these Python packages: ") + ", ".join(what) + _(". Install them now?")):
             return False
-        if need_torch:
-            try:
-                import PyTorchUtils
-            except ImportError:
-                slicer.util.errorDisplay(_("Install the PyTorch extension from the Extension Manager first."))
-                return False
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
-                return False
-        if missing:
-            slicer.util.pip_install(dependencies.pip_install_arguments(missing))
+        try:
+            with slicer.util.WaitCursor():
+                if need_torch:
+                    try:
+                        import PyTorchUtils
+                    except ImportError:
+                        slicer.util.errorDisplay(_("Install the PyTorch extension from the Extension Manager first."))
+                        return False
+                    if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+                        self.ui.deviceLabel.text = _("PyTorch was not installed")
+                        return False
+                if missing:
+                    slicer.util.pip_install(dependencies.pip_install_arguments(missing))
+        except Exception as exc:  # pip's CalledProcessError, or anything the installer raised
+            logging.exception("GVSL: installing Python packages failed")
+            message = dependencies.install_failure_message(exc, what)
+            self.ui.deviceLabel.text = message.splitlines()[0]
+            slicer.util.errorDisplay(message)
+            return False
         self.updateDeviceLabel()
         return True
 
@@ -281,35 +331,25 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.ensureDependencies():
             return
         p = self._parameterNode
-        job, folder = self.logic.core.matchJob(p.fixedVolume, p.movingVolume, p.checkpointPath or None, p.device,
-                                               p.preset)
+        job, folder = self.logic.core.matchJob(
+            p.fixedVolume, p.movingVolume, p.checkpointPath or None, p.device, p.preset,
+            refineIterations=None if p.refineIterations < 0 else p.refineIterations, similarity=p.similarity,
+            timeBudgetSeconds=p.timeBudgetSeconds or None, precision=p.precision)
         fixed, moving = p.fixedVolume, p.movingVolume
 
         def done():
+            from GVSLModuleLib.logic import match_summary
             result = self.logic.core.importMatchFolder(folder, fixed, moving)
             slicer.util.setSliceViewerLayers(background=fixed, foreground=result.warpedVolumeNode,
                                              foregroundOpacity=0.5, fit=True)
             self.onShowGrid(self.ui.showGridCheckBox.checked)
-            m = result.metrics
-            self.ui.metricsLabel.text = (
-                f"local NCC {m['local_ncc_before']:.3f} -> affine {m['local_ncc_affine']:.3f} -> "
-                f"{m['local_ncc_after']:.3f}\nfolding {100 * m['folding_fraction']:.3f} %, Jacobian "
-                f"[{m['jacobian_min']:.2f}, {m['jacobian_max']:.2f}]\nworking grid {m['working_grid']['shape_dhw']} "
-                f"at {m['working_grid']['spacing_mm']:.2f} mm on {m['device']}")
+            self.ui.metricsLabel.text = match_summary(result.metrics)
             self.ensureQueryNode()
 
         self.startJob("match", job, self.ui.matchProgressBar, done)
 
     def onShowGrid(self, show):
-        result = self.logic.core.lastMatch
-        if result is None:
-            return
-        for node in slicer.util.getNodesByClass("vtkMRMLGridTransformNode"):
-            if node.GetAttribute("GVSL.deformable"):
-                node.CreateDefaultDisplayNodes()
-                display = node.GetDisplayNode()
-                display.SetVisibility2D(bool(show))
-                display.SetVisualizationMode(display.VIS_MODE_GRID)
+        self.logic.core.showDeformationGrid(bool(show))
 
     # ------------------------------------------------------------------ heatmap
     def ensureQueryNode(self):
@@ -323,11 +363,11 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.heatmapTimer.start()
 
     def updateHeatmap(self):
+        from GVSLModuleLib.logic import HEATMAP_QUERY_VIEW
         p = self._parameterNode
         if self.queryNode is None or self.queryNode.GetNumberOfDefinedControlPoints() == 0 or not p:
             return
         query_volume = p.fixedVolume if p.queryIn == "fixed" else p.movingVolume
-        target = p.movingVolume if p.queryIn == "fixed" else p.fixedVolume
         point = [0.0, 0.0, 0.0]
         self.queryNode.GetNthControlPointPositionWorld(0, point)
         try:
@@ -336,13 +376,21 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.heatmapLabel.text = str(exc)
             return
         self.logic.core.updateBestMatchMarkup(best)
-        slicer.util.setSliceViewerLayers(background=target, foreground=heatmap,
-                                         foregroundOpacity=p.heatmapOpacity)
-        self.ui.heatmapLabel.text = (f"best match R {best[0]:.1f}, A {best[1]:.1f}, S {best[2]:.1f} "
-                                     f"(similarity {heatmap.GetAttribute('GVSL.bestSimilarity')})")
+        layoutManager = slicer.app.layoutManager()
+        layouts = slicer.vtkMRMLLayoutNode
+        if layoutManager and layoutManager.layout not in (layouts.SlicerLayoutConventionalView,
+                                                          layouts.SlicerLayoutFourUpView,
+                                                          layouts.SlicerLayoutSideBySideView):
+            # The query view and a target view must both be on screen.
+            layoutManager.setLayout(layouts.SlicerLayoutSideBySideView)
+        self.logic.core.showHeatmapInViews(query_volume, heatmap, p.heatmapOpacity)
+        self.ui.heatmapLabel.text = (
+            f"query point in the {HEATMAP_QUERY_VIEW} view ({query_volume.GetName()}); "
+            f"best match R {best[0]:.1f}, A {best[1]:.1f}, S {best[2]:.1f} "
+            f"(similarity {heatmap.GetAttribute('GVSL.bestSimilarity')})")
 
     def onHeatmapOpacity(self, value):
-        slicer.util.setSliceViewerLayers(foregroundOpacity=value)
+        self.logic.core.setHeatmapOpacity(value)
 
     # ------------------------------------------------------------------ training
     def onPretrain(self, resume=False):
@@ -354,8 +402,15 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         data = p.pretrainDataFolder
         if p.pretrainUseSceneVolumes:
-            volumes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+            volumes = self.logic.core.trainingVolumeNodes()
+            if len(volumes) < 2:
+                slicer.util.errorDisplay(_("Pre-training needs at least two scalar volumes in the scene "
+                                           "(label maps and GVSL's own results are not used)."))
+                return
             data = self.logic.core.exportVolumes(volumes, os.path.join(p.pretrainOutputFolder, "scene_volumes"))
+        elif not data:
+            slicer.util.errorDisplay(_("Choose a data folder or use the scene's volumes."))
+            return
         job = self.logic.core.pretrainJob(data, p.pretrainOutputFolder, p.pretrainPatch, p.pretrainIterations,
                                           p.pretrainBatch, p.pretrainWidth, p.pretrainLearningRate, p.device, resume)
         self.startLossCurve("GVSL pre-training loss")
@@ -379,6 +434,9 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.ensureDependencies():
             return
         p = self._parameterNode
+        if not (p.finetuneImagesFolder and p.finetuneLabelsFolder and p.finetuneOutputFolder):
+            slicer.util.errorDisplay(_("Choose the images, labels and output folders."))
+            return
         classes = [c.strip() for c in p.finetuneClasses.split(",") if c.strip()]
         job = self.logic.core.finetuneJob(p.finetuneImagesFolder, p.finetuneLabelsFolder, p.finetuneOutputFolder,
                                           classes, p.finetuneInit or "scratch", p.finetuneMode, p.finetunePatch,
@@ -392,30 +450,24 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.startJob("finetune", job, self.ui.finetuneProgressBar, done, self.ui.finetuneStatusLabel)
 
     def onSegment(self):
-        import SimpleITK as sitk
-        from GVSLModuleLib.jobs import GVSLJob
+        if not self.ensureDependencies():
+            return
         p = self._parameterNode
-        folder = tempfile.mkdtemp(prefix="gvsl-segment-")
-        image_path = os.path.join(folder, "image.nrrd")
-        from GVSLModuleLib import mrml_io
-        sitk.WriteImage(mrml_io.volume_to_image(p.segmentVolume), image_path)
-        out = os.path.join(folder, "labels.nrrd")
-        job = GVSLJob(["segment", image_path, "--checkpoint", p.segmentCheckpoint, "--out", out, "--device", p.device])
         volume = p.segmentVolume
+        job, labels_path = self.logic.core.segmentJob(volume, p.segmentCheckpoint, p.device)
 
         def done():
-            classes = [line.split(" ", 1)[1] for line in open(os.path.join(folder, "labels_classes.txt"), encoding="utf-8").read().splitlines()]
-            node = self.logic.core.labelmapToSegmentation(sitk.ReadImage(out), classes,
-                                                          f"{volume.GetName()} GVSL segmentation")
-            node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+            self.logic.core.importSegmentation(labels_path, volume)
 
-        self.startJob("segment", job, self.ui.finetuneProgressBar, done, self.ui.finetuneStatusLabel)
+        self.startJob("segment", job, self.ui.segmentProgressBar, done, self.ui.segmentStatusLabel)
 
     # --------------------------------------------------------------------- jobs
     def startJob(self, name, job, progressBar, onDone=None, statusLabel=None):
         job.start()
         job.progressBar, job.statusLabel = progressBar, statusLabel
         progressBar.setValue(0)
+        if statusLabel is not None:
+            statusLabel.text = _("starting ...")
         self.jobs[name] = (job, onDone)
         self.pollTimer.start()
         self.updateButtons()
@@ -424,9 +476,13 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     STOP_GRACE_S = {"match": 2, "segment": 2, "pretrain": 120, "finetune": 120}
 
     def stopJob(self, name):
-        """Non-blocking: the poll timer watches the child exit (or kills it when overdue)."""
+        """Non-blocking: writes the job's stop request; the poll timer watches the child save
+        and exit (or kills its process tree when overdue)."""
         if name in self.jobs:
-            self.jobs[name][0].request_stop()
+            job = self.jobs[name][0]
+            job.request_stop()
+            if job.statusLabel is not None:
+                job.statusLabel.text = _("stopping: the job saves, then exits ...")
 
     def pollJobs(self):
         for name, (job, onDone) in list(self.jobs.items()):
@@ -445,18 +501,26 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             job.kill_if_overdue(self.STOP_GRACE_S.get(name, 60))
             if not job.running:
                 job.poll()
-                job.kill_tree()  # anything the child left in its process group
+                job.finish()  # anything the child left in its process tree
                 del self.jobs[name]
                 error = job.error_message()
-                if error and not job.stop_requested:
+                if job.stop_requested:
+                    if job.statusLabel is not None:
+                        done = job.last("done") or {}
+                        job.statusLabel.text = (_("stopped and killed (it did not exit in time)") if job.killed else
+                                                _("stopped") + (f" at step {done['step']}" if "step" in done else ""))
+                elif error:
                     slicer.util.errorDisplay(f"GVSL {name} failed:\n{error}")
-                elif job.returncode == 0 and onDone is not None and not job.stop_requested:
+                elif job.returncode == 0:
+                    if job.statusLabel is not None:
+                        job.statusLabel.text = _("done")
                     try:
-                        onDone()
+                        if onDone is not None:
+                            onDone()
                     except Exception as exc:
                         logging.exception("GVSL")
                         slicer.util.errorDisplay(f"GVSL {name}: {exc}")
-                job.progressBar.setValue(100 if job.returncode == 0 else 0)
+                job.progressBar.setValue(100 if job.returncode == 0 and not job.stop_requested else 0)
         if not self.jobs:
             self.pollTimer.stop()
         self.updateButtons()
@@ -517,17 +581,19 @@ class GVSLModuleTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        from GVSLModuleLib import dependencies
+        if not dependencies.engine_ready():
+            self.delayDisplay("GVSL test skipped: install the Python packages from the GVSL panel first")
+            return
         self.setUp()
         self.test_match_pair_and_heatmap()
 
     def test_match_pair_and_heatmap(self):
         import numpy as np
         self.delayDisplay("Loading the sample CT and its deformed twin")
-        folder = tempfile.mkdtemp(prefix="gvsl-test-")
-        fixed_path, moving_path = _write_sample_pair(folder)
-        fixed = slicer.util.loadVolume(moving_path)  # the deformed twin is the fixed image
-        moving = slicer.util.loadVolume(fixed_path)
         logic = GVSLModuleLogic().core
+        ct, twin = logic.loadSamplePair()
+        fixed, moving = twin, ct  # the deformed twin is the fixed image, as in gvsl demo
         self.delayDisplay("Match pair (CPU, the shipped demo model)")
         result = logic.matchPair(fixed, moving, device="cpu")
         self.assertIsNotNone(result.deformableTransformNode)
@@ -537,6 +603,8 @@ class GVSLModuleTest(ScriptedLoadableModuleTest):
         self.assertLess(result.metrics["folding_fraction"], 0.05)
         again = logic.matchPair(fixed, moving, device="cpu")
         self.assertEqual(again.warpedVolumeNode.GetID(), result.warpedVolumeNode.GetID())
+        shown = logic.showDeformationGrid(True)
+        self.assertTrue(shown and shown[0].GetDisplayNode().GetVisibility() and shown[0].GetDisplayNode().GetVisibility2D())
         centre = [0.0] * 6
         fixed.GetRASBounds(centre)
         point = [(centre[0] + centre[1]) / 2, (centre[2] + centre[3]) / 2, (centre[4] + centre[5]) / 2]
@@ -544,4 +612,8 @@ class GVSLModuleTest(ScriptedLoadableModuleTest):
         self.assertEqual(heatmap.GetImageData().GetDimensions(), moving.GetImageData().GetDimensions())
         self.assertEqual(len(best), 3)
         self.assertTrue(np.all(np.isfinite(best)))
+        layers = logic.showHeatmapInViews(fixed, heatmap)
+        self.assertEqual(slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode().GetBackgroundVolumeID(),
+                         fixed.GetID())
+        self.assertIn("Red", layers)
         self.delayDisplay("Test passed")

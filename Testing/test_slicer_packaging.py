@@ -60,26 +60,48 @@ def test_library_is_qt_free_and_engine_is_slicer_free():
         assert not re.search(r"^\s*(import|from)\s+(slicer|qt|ctk|vtk)\b", path.read_text(encoding="utf-8"), re.M), path
 
 
-# Qt classes a parameterNodeWrapper type binds to.
-COMPATIBLE = {
-    "str": {"QLineEdit", "ctkPathLineEdit", "QComboBox"},
-    "int": {"QSpinBox", "ctkSliderWidget", "QSlider"},
-    "float": {"QDoubleSpinBox", "ctkSliderWidget", "ctkDoubleSpinBox"},
-    "bool": {"QCheckBox", "QPushButton", "QRadioButton"},
-    "vtkMRMLScalarVolumeNode": {"qMRMLNodeComboBox"},
+# Which widget class Slicer's parameterNodeWrapper connects to which parameter type, per
+# Slicer release: the ``canRepresent`` of every connector in
+# Base/Python/slicer/parameterNodeWrapper/guiConnectors.py at tags v5.6.0, v5.8.0, v5.10.0.
+# "bounded": the connector raises unless the parameter has a WithinRange; "choice": it
+# raises unless the parameter has a Choice.
+_V56 = {
+    "QCheckBox": {"bool"}, "QPushButton": {"bool"},
+    "QSlider": {"int"}, "QSpinBox": {"int"},
+    "QDoubleSpinBox": {"float"}, "ctkSliderWidget": {"float"}, "qMRMLSliderWidget": {"float"},
+    "QComboBox": {"int", "float", "str", "bool", "enum"},
+    "QLineEdit": {"str"}, "QTextEdit": {"str"},
+    "ctkRangeWidget": {"FloatRange"},
+    "ctkPathLineEdit": {"Path"}, "ctkDirectoryButton": {"Path"},
+    "qMRMLNodeComboBox": {"node"},
 }
+_V58 = {**_V56, "ctkCheckBox": {"bool"}, "ctkDoubleSlider": {"float"}, "ctkDoubleSpinBox": {"float"},
+        "qMRMLSpinBox": {"float"}, "ctkComboBox": _V56["QComboBox"], "QLabel": {"str"},
+        "ctkDoubleRangeSlider": {"FloatRange"}, "qMRMLRangeWidget": {"FloatRange"}}
+_V510 = {**_V58, "ctkCheckablePushButton": {"bool"}, "ctkColorPickerButton": {"QColor"},
+         **{w: {"float", "int"} for w in ("QDoubleSpinBox", "ctkSliderWidget", "qMRMLSliderWidget",
+                                          "ctkDoubleSlider", "ctkDoubleSpinBox", "qMRMLSpinBox")}}
+SLICER_CONNECTORS = {"5.6": _V56, "5.8": _V58, "5.10": _V510}
+NEEDS_BOUNDS = {"QSlider", "ctkSliderWidget", "qMRMLSliderWidget"}
+NEEDS_CHOICE_FOR = {"QComboBox", "ctkComboBox"}
+NODE_TYPES = {"vtkMRMLScalarVolumeNode"}
+# GVSLModule.py registers one connector of its own (GVSLPathLineEditToStrConnector).
+GVSL_CONNECTORS = {"ctkPathLineEdit": {"str"}}
 
 
 def parameters():
+    """{name: (type name, annotation names)} of GVSLModuleParameterNode."""
     tree = ast.parse(MODULE_SOURCE)
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "GVSLModuleParameterNode")
     out = {}
     for stmt in cls.body:
         if isinstance(stmt, ast.AnnAssign):
-            ann = stmt.annotation
+            ann, extras = stmt.annotation, []
             if isinstance(ann, ast.Subscript):  # Annotated[T, ...]
-                ann = ann.slice.elts[0]
-            out[stmt.target.id] = ann.id
+                ann, *rest = ann.slice.elts
+                extras = [e.func.id for e in rest if isinstance(e, ast.Call)]
+            kind = "node" if ann.id in NODE_TYPES else ann.id
+            out[stmt.target.id] = (kind, extras)
     return out
 
 
@@ -91,22 +113,78 @@ def ui_widgets():
         for p in w.findall("property"):
             if p.get("name") == "SlicerParameterName":
                 param = p.find("string").text
-        widgets[w.get("name")] = (w.get("class"), param)
+        items = [i.find("property/string").text for i in w.findall("item")]
+        widgets[w.get("name")] = (w.get("class"), param, items)
     return widgets
 
 
-def test_ui_parameters_and_widget_names_agree():
+def test_every_bound_widget_has_a_connector_in_slicer_5_6_to_5_10():
     params = parameters()
-    widgets = ui_widgets()
-    bound = {param: (cls, name) for name, (cls, param) in widgets.items() if param}
-    assert set(bound) <= set(params), set(bound) - set(params)
-    for param, (cls, name) in bound.items():
-        assert cls in COMPATIBLE[params[param]], (param, params[param], cls, name)
+    bound = {param: (cls, name, items) for name, (cls, param, items) in ui_widgets().items() if param}
+    assert set(bound) == set(params), set(bound) ^ set(params)  # every parameter reaches the GUI
+    for version, table in SLICER_CONNECTORS.items():
+        for param, (cls, name, items) in bound.items():
+            kind, extras = params[param]
+            accepted = table.get(cls, set()) | GVSL_CONNECTORS.get(cls, set())
+            assert kind in accepted, f"Slicer {version}: no connector for {name} ({cls}) <-> {param}: {kind}"
+            if cls in NEEDS_BOUNDS:
+                assert "WithinRange" in extras, (version, param)
+            if cls in NEEDS_CHOICE_FOR:
+                assert "Choice" in extras, (version, param)
+
+
+def test_combo_box_items_are_the_parameter_choices():
+    tree = ast.parse(MODULE_SOURCE)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "GVSLModuleParameterNode")
+    choices = {}
+    for stmt in cls.body:
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.annotation, ast.Subscript):
+            for extra in stmt.annotation.slice.elts[1:]:
+                if isinstance(extra, ast.Call) and extra.func.id == "Choice":
+                    choices[stmt.target.id] = ast.literal_eval(extra.args[0])
+    for name, (cls_name, param, items) in ui_widgets().items():
+        if param in choices:
+            assert items == choices[param], (name, items, choices[param])
+
+
+def test_the_modules_own_path_connector_is_registered_for_str():
+    tree = ast.parse(MODULE_SOURCE)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "GVSLPathLineEditToStrConnector")
+    assert any(getattr(d, "id", None) == "parameterNodeGuiConnector" for d in cls.decorator_list)
+    assert [b.id for b in cls.bases] == ["GuiConnector"]
+    methods = {f.name: ast.unparse(f) for f in cls.body if isinstance(f, ast.FunctionDef)}
+    # GuiConnector's abstract methods, the same from 5.6 to 5.10
+    assert {"canRepresent", "create", "_connect", "_disconnect", "widget", "read", "write"} <= set(methods)
+    assert "ctk.ctkPathLineEdit" in methods["canRepresent"] and "== str" in methods["canRepresent"]
+    assert "currentPathChanged" in methods["_connect"]
+    # the connector must exist before any widget connects, i.e. at import of the module
+    assert MODULE_SOURCE.index("class GVSLPathLineEditToStrConnector") < MODULE_SOURCE.index(
+        "class GVSLModuleParameterNode")
+
+
+def test_widget_names_used_in_code_exist():
     used = set(re.findall(r"self\.ui\.(\w+)", MODULE_SOURCE))
-    assert used <= set(widgets), used - set(widgets)
-    # every parameter reaches the GUI or is set by code
-    unbound = set(params) - set(bound)
-    assert unbound == set(), unbound
+    assert used <= set(ui_widgets()), used - set(ui_widgets())
+
+
+def test_category_is_translated_with_slicers_context_and_icon_is_found_in_a_checkout():
+    assert 'translate("qSlicerAbstractCoreModule", "Registration")' in MODULE_SOURCE
+    # ScriptedLoadableModule looks for <module dir>/Resources/Icons/<module name>.png
+    icon = MODULE / "Resources" / "Icons" / "GVSLModule.png"
+    assert icon.read_bytes() == (REPO / "Resources" / "Icons" / "GVSLModule.png").read_bytes()
+
+
+def test_module_imports_no_engine_at_load():
+    """GVSLModule.py's top level imports only Slicer, Qt and the standard library: the
+    engine (torch, MONAI) may not be installed when Slicer loads the module."""
+    tree = ast.parse(MODULE_SOURCE)
+    top = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            top.add(node.module.split(".")[0])
+    assert top <= {"logging", "os", "sys", "tempfile", "typing", "ctk", "qt", "slicer", "vtk"}, top
 
 
 def test_catalog_entry_and_extension_metadata():
@@ -115,6 +193,9 @@ def test_catalog_entry_and_extension_metadata():
     assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.2.json#")
     assert entry["build_dependencies"] == ["PyTorch"]
     assert entry["category"] and entry["scm_url"].endswith(".git")
+    # The Extensions Index CI requires a repository named Slicer* (and the GitHub topic
+    # 3d-slicer-extension, set on GitHub): every URL names SlicerGVSL.
+    assert entry["scm_url"] == "https://github.com/gvsl-slicer/SlicerGVSL.git"
     top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     project = re.search(r"project\((\w+)\)", top).group(1)
     assert entry_path.stem == project and not project.startswith("Slicer")
@@ -125,4 +206,9 @@ def test_catalog_entry_and_extension_metadata():
     assert "add_subdirectory(GVSLModule)" in top and "find_package(Slicer REQUIRED)" in top
     for url in re.search(r'EXTENSION_SCREENSHOTURLS "([^"]+)"', top).group(1).split():
         assert (REPO / url.split("/main/", 1)[1]).is_file(), url
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for url in re.search(key + r' "([^"]+)"', top).group(1).split():
+            assert "/gvsl-slicer/SlicerGVSL" in url, (key, url)
+    icon_url = re.search(r'EXTENSION_ICONURL "([^"]+)"', top).group(1)
+    assert (REPO / icon_url.split("/main/", 1)[1]).is_file(), icon_url
     assert (REPO / "LICENSE").is_file()

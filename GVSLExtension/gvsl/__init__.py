@@ -8,18 +8,24 @@ Public API::
 
 Conventions (axes, LPS/RAS, transform directions) live in :mod:`gvsl.conventions`.
 """
-from .checkpoint import CheckpointError, load_model
-from .network import GVSL, GVSLOutput
 
 __version__ = "0.1.0"
 
+# Everything is imported on first use: the Slicer panel imports ``gvsl`` (to find it for
+# its child processes) before it has offered to install torch and MONAI.
+_LAZY = {"GVSL": "network", "GVSLOutput": "network", "load_model": "checkpoint", "CheckpointError": "checkpoint",
+         "match_pair": "match", "MatchResult": "match"}
+
 
 def __getattr__(name):
-    # The matching stack pulls in SimpleITK and MONAI; import it on first use.
-    if name in ("match_pair", "MatchResult"):
-        from . import match
-        return getattr(match, name)
-    raise AttributeError(name)
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
 
 
 __all__ = ["GVSL", "GVSLOutput", "load_model", "match_pair", "MatchResult", "CheckpointError"]

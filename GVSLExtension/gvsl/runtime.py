@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import save_atomic
+from .stopfile import StopFile
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -106,16 +107,21 @@ class StopFlag:
     # A second Ctrl-C aborts at once, for a user who does not want to wait for the save.
 
     def __init__(self):
-        self.requested = False
+        self._signalled = False
         self._previous = {}
+        self._stop_file = StopFile.from_environment()  # the Slicer panel's Stop (gvsl.stopfile)
+
+    @property
+    def requested(self) -> bool:
+        return self._signalled or self._stop_file.requested()
 
     def _handler(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
+        if self._signalled and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self._signalled = True
 
     def __enter__(self):
-        # SIGBREAK: what the Slicer panel's Stop sends on Windows (CTRL_BREAK_EVENT).
+        # SIGBREAK: Ctrl-Break in a Windows console (the Slicer panel uses the stop file instead).
         for sig in (signal.SIGINT, signal.SIGTERM) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ()):
             try:
                 self._previous[sig] = signal.signal(sig, self._handler)

@@ -10,19 +10,22 @@ Transforms created by Match pair (see ``gvsl.conventions`` for directions):
 """
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
-from gvsl.conventions import Grid, lps_to_ras, ras_to_lps
-from gvsl.match import MatchResult, match_pair
+from gvsl.stopfile import STOP_FILE_NAME  # torch-free
 
 from . import mrml_io
 from .jobs import GVSLJob
+
+# The engine (torch, MONAI) is imported inside the methods that run it: the panel builds
+# this logic before it has offered to install those packages.
 
 # Slicer's ColdToHotRainbow table; a bare MRML scene (slicer-core) only has the built-in Rainbow.
 HEATMAP_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileColdToHotRainbow.txt", "vtkMRMLColorTableNodeRainbow")
@@ -30,6 +33,7 @@ MAX_RESIDUAL_FIELD_VOXELS = 1 << 22  # 4 M voxels: the grid transform stays ligh
 # Above this many voxels the heatmap stays on the (physical, coarser) working grid, so
 # that dragging the query point stays interactive on full-resolution CTs.
 MAX_HEATMAP_IMAGE_VOXELS = 1 << 24
+SAMPLE_DEFORMATION_SEED = 7  # the twin gvsl demo matches
 
 
 @dataclass
@@ -39,19 +43,20 @@ class MatchPairResult:
     warpedVolumeNode: object
     jacobianVolumeNode: object
     metrics: dict
-    engineResult: MatchResult = None
+    engineResult: "MatchResult" = None
 
 
 @dataclass
 class _LastMatch:
-    result: MatchResult
+    result: "MatchResult"
     fixedNodeID: str
     movingNodeID: str
 
 
-def residual_displacement(result: MatchResult, max_voxels: int = MAX_RESIDUAL_FIELD_VOXELS) -> sitk.Image:
+def residual_displacement(result: "MatchResult", max_voxels: int = MAX_RESIDUAL_FIELD_VOXELS) -> sitk.Image:
     """The local part of the mapping on the moving image's grid (LPS mm):
     ``r(y) = T(P^-1 y) - y`` so that ``T = (id + r) o P`` with P the affine part."""
+    from gvsl.conventions import Grid
     grid = Grid.of(result.moving).coarsened(max_voxels)
     affine = result.physical_affine_matrix()
     inverse = np.linalg.inv(affine)
@@ -60,6 +65,110 @@ def residual_displacement(result: MatchResult, max_voxels: int = MAX_RESIDUAL_FI
     residual = result.map_points(x) - y
     image = sitk.GetImageFromArray(residual.reshape(*grid.shape, 3), isVector=True)
     return grid.apply_to(image)
+
+
+def match_options(refineIterations=None, similarity="lncc", timeBudgetSeconds=None, precision="auto") -> Dict:
+    """``match_pair`` keyword arguments for the refinement options the user changed from
+    the engine's defaults (``refineIterations`` None: the default schedule, 0: network only;
+    ``timeBudgetSeconds`` None or 0: no budget)."""
+    options = {}
+    if refineIterations is not None and int(refineIterations) >= 0:
+        options["refine_iters"] = int(refineIterations)
+    if similarity and similarity != "lncc":
+        options["similarity"] = similarity
+    if timeBudgetSeconds:
+        options["time_budget_s"] = float(timeBudgetSeconds)
+    if precision and precision != "auto":
+        options["precision"] = precision
+    return options
+
+
+def match_arguments(fixedPath, movingPath, outputFolder, checkpoint=None, device="auto", preset="auto",
+                    refineIterations=None, similarity="lncc", timeBudgetSeconds=None, precision="auto") -> List[str]:
+    """``gvsl match`` arguments for the panel's choices. Options left at the engine's default
+    are not passed, so the command line stays the engine's own default."""
+    args = ["match", str(fixedPath), str(movingPath), "--out", str(outputFolder), "--device", device,
+            "--preset", preset, "--save-state", "--no-report"]
+    if checkpoint:
+        args += ["--checkpoint", str(checkpoint)]
+    flags = {"refine_iters": "--refine-iters", "similarity": "--similarity", "time_budget_s": "--time-budget",
+             "precision": "--precision"}
+    for key, value in match_options(refineIterations, similarity, timeBudgetSeconds, precision).items():
+        args += [flags[key], str(value)]
+    return args
+
+
+def match_summary(metrics: Dict) -> str:
+    """The panel's metrics text: local NCC before / affine / network / refined, refinement,
+    folding and Jacobian, working grid. Works with and without refinement metrics."""
+    ncc = [f"before {metrics['local_ncc_before']:.3f}", f"affine {metrics['local_ncc_affine']:.3f}"]
+    refinement = metrics.get("refinement") or {}
+    if "local_ncc_network" in metrics:
+        ncc.append(f"network {metrics['local_ncc_network']:.3f}")
+        if refinement.get("iterations"):
+            ncc.append(f"refined {metrics['local_ncc_after']:.3f}")
+    else:
+        ncc.append(f"after {metrics['local_ncc_after']:.3f}")
+    lines = ["local NCC  " + ",  ".join(ncc)]
+    if refinement.get("iterations"):
+        line = (f"refinement: {refinement['iterations']} iterations of {refinement.get('similarity', '?')} "
+                f"in {refinement.get('seconds', 0.0):.1f} s")
+        if refinement.get("improved") is False:
+            line += " (did not improve: the network's field is kept)"
+        lines.append(line)
+    if refinement.get("warning"):
+        lines.append("warning: " + str(refinement["warning"]))
+    lines.append(f"folding {100 * metrics['folding_fraction']:.3f} % of voxels, Jacobian "
+                 f"[{metrics['jacobian_min']:.2f}, {metrics['jacobian_max']:.2f}]")
+    grid = metrics.get("working_grid") or {}
+    if grid:
+        lines.append(f"working grid {grid.get('shape_dhw')} at {grid.get('spacing_mm', 0.0):.2f} mm on "
+                     f"{metrics.get('device', '?')}")
+    return "\n".join(lines)
+
+
+def segment_arguments(imagePath, checkpoint, outputPath, device="auto") -> List[str]:
+    return ["segment", str(imagePath), "--checkpoint", str(checkpoint), "--out", str(outputPath), "--device", device]
+
+
+def read_class_names(classesPath) -> List[str]:
+    """``gvsl segment``'s ``<out>_classes.txt``: one ``label name`` line per class, labels 1..K."""
+    names = []
+    for line in Path(classesPath).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            names.append(line.split(" ", 1)[1] if " " in line.strip() else "")
+    return names
+
+
+# Slice views of the heatmap: the query volume (where the user places the point) in Red,
+# the other volume with the heatmap over it in every other slice view.
+HEATMAP_QUERY_VIEW = "Red"
+
+
+def heatmap_view_layers(viewNames: Sequence[str], queryVolumeID: str, targetVolumeID: str,
+                        heatmapVolumeID: str) -> Dict[str, Tuple[str, Optional[str]]]:
+    """``{view name: (background volume ID, foreground volume ID or None)}``."""
+    return {name: (queryVolumeID, None) if name == HEATMAP_QUERY_VIEW else (targetVolumeID, heatmapVolumeID)
+            for name in viewNames}
+
+
+SAMPLE_NAMES = ("GVSLChestCT", "GVSLChestCTDeformed")
+
+
+def sample_images() -> Dict[str, sitk.Image]:
+    """slicerio's chest CT and the twin ``gvsl demo`` matches, by sample name."""
+    from gvsl.samples import chest_ct, deformed_copy, random_deformation
+    ct, labels, _names = chest_ct()
+    twin, _ = deformed_copy(ct, labels, random_deformation(ct, seed=SAMPLE_DEFORMATION_SEED))
+    return dict(zip(SAMPLE_NAMES, (ct, twin)))
+
+
+def is_training_volume(node) -> bool:
+    """A plain scalar volume with voxels that GVSL did not make: no label maps or other
+    subclasses (vector, tensor), no warped / Jacobian / heatmap volume of ours."""
+    if node is None or node.GetClassName() != "vtkMRMLScalarVolumeNode" or node.GetImageData() is None:
+        return False
+    return not any(name.startswith("GVSL.") for name in node.GetAttributeNames() or ())
 
 
 class GVSLLogic:
@@ -71,11 +180,14 @@ class GVSLLogic:
 
     # -------------------------------------------------------------- match pair
     def matchPair(self, fixedVolumeNode, movingVolumeNode, checkpoint=None, device="auto", preset="auto",
-                  progress=None) -> MatchPairResult:
-        """Run the network in this process and put its answer in the scene."""
+                  progress=None, refineIterations=None, similarity="lncc", timeBudgetSeconds=None,
+                  precision="auto") -> MatchPairResult:
+        """Run the network (and its refinement) in this process and put its answer in the scene."""
+        from gvsl.match import match_pair
         fixed = mrml_io.volume_to_image(fixedVolumeNode)
         moving = mrml_io.volume_to_image(movingVolumeNode)
-        result = match_pair(fixed, moving, checkpoint, device=device, preset=preset, progress=progress)
+        options = match_options(refineIterations, similarity, timeBudgetSeconds, precision)
+        result = match_pair(fixed, moving, checkpoint, device=device, preset=preset, progress=progress, **options)
         return self.importMatchResult(result, fixedVolumeNode, movingVolumeNode)
 
     def writeMatchInputs(self, fixedVolumeNode, movingVolumeNode, folder) -> Tuple[str, str]:
@@ -88,22 +200,26 @@ class GVSLLogic:
         return paths
 
     def matchJob(self, fixedVolumeNode, movingVolumeNode, checkpoint=None, device="auto", preset="auto",
-                 workFolder=None) -> Tuple[GVSLJob, str]:
-        """A not yet started child process that matches the pair into ``workFolder``."""
+                 workFolder=None, refineIterations=None, similarity="lncc", timeBudgetSeconds=None,
+                 precision="auto") -> Tuple[GVSLJob, str]:
+        """A not yet started child process that matches the pair into ``workFolder``/result."""
         folder = Path(workFolder or tempfile.mkdtemp(prefix="gvsl-match-"))
         fixed_path, moving_path = self.writeMatchInputs(fixedVolumeNode, movingVolumeNode, folder / "inputs")
-        args = ["match", fixed_path, moving_path, "--out", folder / "result", "--device", device, "--preset", preset,
-                "--save-state", "--no-report"]
-        if checkpoint:
-            args += ["--checkpoint", checkpoint]
-        return GVSLJob(args), str(folder / "result")
+        args = match_arguments(fixed_path, moving_path, folder / "result", checkpoint, device, preset,
+                               refineIterations, similarity, timeBudgetSeconds, precision)
+        return GVSLJob(args, stop_file=folder / "STOP"), str(folder / "result")
 
     def importMatchFolder(self, folder, fixedVolumeNode, movingVolumeNode) -> MatchPairResult:
+        from gvsl.match import MatchResult
         result = MatchResult.load_state(folder, mrml_io.volume_to_image(fixedVolumeNode),
                                         mrml_io.volume_to_image(movingVolumeNode))
-        return self.importMatchResult(result, fixedVolumeNode, movingVolumeNode)
+        imported = self.importMatchResult(result, fixedVolumeNode, movingVolumeNode)
+        metrics_path = Path(folder) / "metrics.json"
+        if metrics_path.is_file():  # what gvsl match reported last (refinement included)
+            imported.metrics.update(json.loads(metrics_path.read_text(encoding="utf-8")))
+        return imported
 
-    def importMatchResult(self, result: MatchResult, fixedVolumeNode, movingVolumeNode) -> MatchPairResult:
+    def importMatchResult(self, result: "MatchResult", fixedVolumeNode, movingVolumeNode) -> MatchPairResult:
         """Create (or update, for the same pair) the transform, warped and Jacobian nodes."""
         key = f"{fixedVolumeNode.GetID()}|{movingVolumeNode.GetID()}"
         moving_name, fixed_name = movingVolumeNode.GetName(), fixedVolumeNode.GetName()
@@ -131,6 +247,7 @@ class GVSLLogic:
 
     def mapFixedPointsToMoving(self, pointsRAS) -> np.ndarray:
         """What the engine says: fixed RAS points -> moving RAS points."""
+        from gvsl.conventions import lps_to_ras, ras_to_lps
         self._require_match()
         return lps_to_ras(self.lastMatch.result.map_points(ras_to_lps(pointsRAS)))
 
@@ -144,6 +261,7 @@ class GVSLLogic:
         voxel of the other volume of the last matched pair. Returns
         ``(heatmapVolumeNode, bestMatchRAS)``; the node has the other volume's geometry
         (its working grid's for volumes above ``MAX_HEATMAP_IMAGE_VOXELS``)."""
+        from gvsl.conventions import lps_to_ras, ras_to_lps
         self._require_match()
         last = self.lastMatch
         if queryVolumeNode.GetID() == last.fixedNodeID:
@@ -164,6 +282,8 @@ class GVSLLogic:
         display.SetAndObserveColorNodeID(color_id)
         display.AutoWindowLevelOff()
         display.SetWindowLevelMinMax(0.0, 1.0)
+        if not heatmapNode.GetAttribute("GVSL.heatmap"):
+            heatmapNode.SetAttribute("GVSL.heatmap", "heatmap")  # how the views and the opacity slider find it
         heatmapNode.SetAttribute("GVSL.targetVolumeID", target_id)
         heatmapNode.SetAttribute("GVSL.bestSimilarity", f"{score:.4f}")
         return heatmapNode, lps_to_ras(best_lps)
@@ -179,6 +299,42 @@ class GVSLLogic:
         markupsNode.SetNthControlPointLabel(0, "best match")
         return markupsNode
 
+    def showDeformationGrid(self, show: bool) -> List:
+        """Show (or hide) the deformable transforms of Match pair as a grid in slice views.
+        A transform display node starts with Visibility 0 and the 2D displayable manager
+        draws only when both Visibility and Visibility2D are on."""
+        shown = []
+        for node in mrml_io.nodes_of_class(self.scene, "vtkMRMLGridTransformNode"):
+            if not node.GetAttribute("GVSL.deformable"):
+                continue
+            display = mrml_io.ensure_display(node)
+            display.SetVisualizationMode(display.VIS_MODE_GRID)
+            display.SetVisibility(bool(show))
+            display.SetVisibility2D(bool(show))
+            shown.append(node)
+        return shown
+
+    def showHeatmapInViews(self, queryVolumeNode, heatmapNode, opacity: float = 0.5) -> Dict[str, Tuple]:
+        """The query volume in the Red slice view, the other volume with the heatmap over it
+        in the other slice views (each view's own composite node, not all at once)."""
+        target_id = heatmapNode.GetAttribute("GVSL.targetVolumeID")
+        composites = {n.GetLayoutName(): n for n in mrml_io.nodes_of_class(self.scene, "vtkMRMLSliceCompositeNode")}
+        layers = heatmap_view_layers(sorted(composites), queryVolumeNode.GetID(), target_id, heatmapNode.GetID())
+        for name, (background, foreground) in layers.items():
+            composite = composites[name]
+            composite.SetBackgroundVolumeID(background)
+            composite.SetForegroundVolumeID(foreground)
+            if foreground is not None:
+                composite.SetForegroundOpacity(float(opacity))
+        return layers
+
+    def setHeatmapOpacity(self, opacity: float):
+        """The heatmap's opacity in the views that show it (other views keep theirs)."""
+        for composite in mrml_io.nodes_of_class(self.scene, "vtkMRMLSliceCompositeNode"):
+            foreground = self.scene.GetNodeByID(composite.GetForegroundVolumeID() or "")
+            if foreground is not None and foreground.GetAttribute("GVSL.heatmap"):
+                composite.SetForegroundOpacity(float(opacity))
+
     # ------------------------------------------------------------- training jobs
     @staticmethod
     def pretrainJob(dataFolder, outputFolder, patch=128, iterations=10000, batch=1, width=1.0, learningRate=1e-4,
@@ -187,7 +343,7 @@ class GVSLLogic:
                 "--batch", batch, "--width", width, "--lr", learningRate, "--device", device, *extra]
         if resume:
             args.append("--resume")
-        return GVSLJob(args)
+        return GVSLJob(args, stop_file=Path(outputFolder) / STOP_FILE_NAME)
 
     @staticmethod
     def finetuneJob(imagesFolder, labelsFolder, outputFolder, classNames: Sequence[str], init="scratch",
@@ -198,7 +354,11 @@ class GVSLLogic:
                 "--iters", iterations, "--batch", batch, "--lr", learningRate, "--device", device, *extra]
         if resume:
             args.append("--resume")
-        return GVSLJob(args)
+        return GVSLJob(args, stop_file=Path(outputFolder) / STOP_FILE_NAME)
+
+    def trainingVolumeNodes(self) -> List:
+        """The scene's volumes to pre-train on (see :func:`is_training_volume`)."""
+        return [n for n in mrml_io.nodes_of_class(self.scene, "vtkMRMLScalarVolumeNode") if is_training_volume(n)]
 
     def exportVolumes(self, volumeNodes, folder) -> str:
         """Scene volumes as NRRD files, for a pre-training child process."""
@@ -243,6 +403,46 @@ class GVSLLogic:
             segmentationNode = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
         mrml_io.labelmap_to_segmentation(self.scene, labelImage, classNames, segmentationNode)
         return segmentationNode
+
+    def segmentJob(self, volumeNode, checkpoint, device="auto", workFolder=None) -> Tuple[GVSLJob, str]:
+        """A not yet started ``gvsl segment`` child process for ``volumeNode``; returns the job
+        and the label map path it writes (see :meth:`importSegmentation`)."""
+        folder = Path(workFolder or tempfile.mkdtemp(prefix="gvsl-segment-"))
+        folder.mkdir(parents=True, exist_ok=True)
+        image_path, labels_path = folder / "image.nrrd", folder / "labels.nrrd"
+        sitk.WriteImage(mrml_io.volume_to_image(volumeNode), str(image_path))
+        return GVSLJob(segment_arguments(image_path, checkpoint, labels_path, device),
+                       stop_file=folder / STOP_FILE_NAME), str(labels_path)
+
+    def importSegmentation(self, labelsPath, volumeNode, segmentationNode=None):
+        """The label map a segment job wrote, as a segmentation node with named segments
+        that references ``volumeNode``'s geometry."""
+        labels_path = Path(labelsPath)
+        classes = read_class_names(labels_path.parent / (labels_path.name.split(".")[0] + "_classes.txt"))
+        node = self.labelmapToSegmentation(sitk.ReadImage(str(labels_path)), classes,
+                                           f"{volumeNode.GetName()} GVSL segmentation", segmentationNode)
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        return node
+
+    # ---------------------------------------------------------------- sample data
+    def loadSamplePair(self, folder=None) -> Tuple[object, object]:
+        """The sample chest CT (``GVSLChestCT``) and its twin deformed by a known transform
+        (``GVSLChestCTDeformed``) as volume nodes; generated on this computer, nothing is
+        downloaded. What scripts call: the SampleData entries of the same names work only
+        from the Sample Data module's buttons (``SampleData.downloadSample`` would try to
+        fetch their placeholder URIs). The files are also written to ``folder`` if given."""
+        return tuple(self.loadSampleVolume(name, folder) for name in SAMPLE_NAMES)
+
+    def loadSampleVolume(self, name: str, folder=None):
+        """One of ``SAMPLE_NAMES`` as a new volume node (see :meth:`loadSamplePair`)."""
+        image = sample_images()[name]
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            sitk.WriteImage(image, str(Path(folder) / f"{name}.nrrd"))
+        node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        mrml_io.update_volume_from_image(node, image)
+        mrml_io.ensure_display(node)
+        return node
 
     def segmentVolume(self, volumeNode, checkpoint, device="auto", segmentationNode=None):
         """Segment in this process and return a segmentation node with named segments."""

@@ -5,6 +5,9 @@ Slicer stores geometry in RAS, ITK files and ``gvsl`` in LPS; the one conversion
 ``gvsl.conventions.LPS_TO_RAS``. Transforms keep ITK's resampling direction, which
 Slicer calls "transform from parent": a moving volume placed under them is aligned to
 the fixed one.
+
+``gvsl.conventions`` is imported inside the functions that use it: it imports torch, and
+the panel builds this library before it has offered to install torch.
 """
 from __future__ import annotations
 
@@ -14,8 +17,6 @@ import numpy as np
 import SimpleITK as sitk
 import slicer
 import vtk
-
-from gvsl.conventions import LPS_TO_RAS, LPS_TO_RAS_4X4 as FLIP4, Grid
 
 
 def _vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
@@ -49,7 +50,8 @@ def volume_to_image(volume_node) -> sitk.Image:
         to_world = vtk.vtkMatrix4x4()
         parent.GetMatrixTransformToWorld(to_world)
         matrix = _np_matrix(to_world) @ matrix
-    lps = FLIP4 @ matrix
+    from gvsl.conventions import LPS_TO_RAS_4X4
+    lps = LPS_TO_RAS_4X4 @ matrix  # the flip is its own inverse
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     array = slicer.util.arrayFromVolume(volume_node)  # (K, J, I)
     image = sitk.GetImageFromArray(np.ascontiguousarray(array))
@@ -59,15 +61,17 @@ def volume_to_image(volume_node) -> sitk.Image:
     return image
 
 
-def set_geometry(volume_node, grid: Grid):
+def set_geometry(volume_node, grid):
+    from gvsl.conventions import LPS_TO_RAS_4X4
     lps = np.eye(4)
     lps[:3, :3] = grid.direction_matrix @ np.diag(grid.spacing)
     lps[:3, 3] = grid.origin
-    volume_node.SetIJKToRASMatrix(_vtk_matrix(FLIP4 @ lps))
+    volume_node.SetIJKToRASMatrix(_vtk_matrix(LPS_TO_RAS_4X4 @ lps))
 
 
 def update_volume_from_image(volume_node, image: sitk.Image):
     """Copy voxels and geometry of a SimpleITK image into an existing volume node."""
+    from gvsl.conventions import Grid
     slicer.util.updateVolumeFromArray(volume_node, sitk.GetArrayFromImage(image))
     set_geometry(volume_node, Grid.of(image))
     return volume_node
@@ -76,7 +80,7 @@ def update_volume_from_image(volume_node, image: sitk.Image):
 def get_or_create(scene, class_name: str, name: str, key: str, tag: str):
     """The node of ``class_name`` tagged ``GVSL.<tag> = key``, created if absent: running
     again on the same pair updates nodes instead of adding new ones."""
-    for node in _nodes_of_class(scene, class_name):
+    for node in nodes_of_class(scene, class_name):
         if node.GetAttribute(f"GVSL.{tag}") == key:
             node.SetName(name)
             return node
@@ -85,10 +89,12 @@ def get_or_create(scene, class_name: str, name: str, key: str, tag: str):
     return node
 
 
-def _nodes_of_class(scene, class_name: str) -> List:
+def nodes_of_class(scene, class_name: str) -> List:
+    """The scene's nodes of ``class_name`` (and its subclasses)."""
     collection = scene.GetNodesByClass(class_name)
-    nodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
-    return nodes
+    # GetNodesByClass hands over a new reference (Slicer's own util.getNodesByClass releases it too).
+    collection.UnRegister(None)
+    return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
 
 
 def ensure_display(node):
@@ -102,12 +108,14 @@ def ensure_display(node):
 
 def set_linear_from_parent(transform_node, matrix_lps: np.ndarray):
     """Store an ITK-convention (fixed -> moving, LPS) affine as the node's transform from parent."""
+    from gvsl.conventions import LPS_TO_RAS_4X4 as FLIP4
     transform_node.SetMatrixTransformFromParent(_vtk_matrix(FLIP4 @ matrix_lps @ FLIP4))
 
 
 def set_grid_from_parent(transform_node, displacement_lps: sitk.Image):
     """Store an ITK displacement field (LPS vectors, resampling direction) as the grid
     transform node's transform from parent."""
+    from gvsl.conventions import LPS_TO_RAS, Grid
     grid = Grid.of(displacement_lps)
     vectors = sitk.GetArrayFromImage(displacement_lps).astype(np.float64) @ LPS_TO_RAS.T
     image_data = vtk.vtkImageData()

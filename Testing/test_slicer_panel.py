@@ -1,0 +1,241 @@
+"""The panel's defects of issue 10 that run without Qt: on Slicer's MRML libraries
+(slicer-core) and in plain Python."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer")
+from gvsl.samples import synthetic_volume  # noqa: E402
+from GVSLModuleLib import dependencies, mrml_io  # noqa: E402
+from GVSLModuleLib.logic import (GVSLLogic, HEATMAP_QUERY_VIEW, heatmap_view_layers, match_arguments,  # noqa: E402
+                                 match_summary, read_class_names, segment_arguments)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+def add_volume(scene, image, name, class_name="vtkMRMLScalarVolumeNode"):
+    node = scene.AddNewNodeByClass(class_name, name)
+    return mrml_io.update_volume_from_image(node, image)
+
+
+def small_image(seed=0):
+    image, labels = synthetic_volume(size=(12, 14, 10), spacing=(2.0, 2.0, 2.0), seed=seed)
+    return image, labels
+
+
+# ------------------------------------------------------------ defect 2: lazy imports
+def test_engine_and_panel_library_import_neither_torch_nor_monai():
+    code = (
+        "import sys\n"
+        f"sys.path[:0] = [{str(REPO / 'GVSLExtension')!r}, {str(REPO / 'GVSLModule')!r}]\n"
+        "import gvsl, gvsl.stopfile, GVSLModuleLib\n"
+        "from GVSLModuleLib import dependencies, jobs, logic, mrml_io\n"
+        "import slicer\n"
+        "core = logic.GVSLLogic(slicer.vtkMRMLScene())\n"
+        "job = jobs.GVSLJob(['match', 'a', 'b', '--out', 'c'])\n"
+        "assert callable(gvsl.__getattr__) and 'load_model' in dir(gvsl)\n"
+        "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_lazy_engine_names_still_resolve():
+    import gvsl
+    from gvsl.checkpoint import load_model
+    assert gvsl.load_model is load_model
+    with pytest.raises(AttributeError):
+        gvsl.not_a_name  # noqa: B018
+
+
+# ------------------------------------------------------------ defect 3: grid display
+def test_show_deformation_grid_turns_on_both_visibilities(scene):
+    grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "GVSL deformable")
+    grid.SetAttribute("GVSL.deformable", "a|b")
+    other = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "someone else's")
+    logic = GVSLLogic(scene)
+    assert logic.showDeformationGrid(True) == [grid]
+    display = grid.GetDisplayNode()
+    # vtkMRMLTransformsDisplayableManager2D draws only when both are on
+    assert display.GetVisibility() and display.GetVisibility2D()
+    assert display.GetVisualizationMode() == display.VIS_MODE_GRID
+    assert other.GetDisplayNode() is None
+    logic.showDeformationGrid(False)
+    assert not display.GetVisibility() and not display.GetVisibility2D()
+
+
+# ----------------------------------------------------- defect 6: scene volume filter
+def test_pretraining_uses_plain_scene_volumes_only(scene):
+    image, labels = small_image()
+    plain = add_volume(scene, image, "CT")
+    plain2 = add_volume(scene, small_image(1)[0], "CT 2")
+    add_volume(scene, sitk.Cast(labels, sitk.sitkUInt8), "labels", "vtkMRMLLabelMapVolumeNode")
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "no voxels")
+    for tag in ("warped", "jacobian", "heatmap"):
+        node = add_volume(scene, image, f"GVSL {tag}")
+        node.SetAttribute(f"GVSL.{tag}", "a|b")
+    logic = GVSLLogic(scene)
+    assert logic.trainingVolumeNodes() == [plain, plain2]
+    assert empty not in logic.trainingVolumeNodes()
+
+
+# --------------------------------------------------- defect 7: per-view heatmap layers
+def test_heatmap_view_layers_keep_the_query_volume_in_its_own_view():
+    layers = heatmap_view_layers(["Green", "Red", "Yellow"], "query", "target", "heat")
+    assert HEATMAP_QUERY_VIEW == "Red"
+    assert layers == {"Red": ("query", None), "Yellow": ("target", "heat"), "Green": ("target", "heat")}
+
+
+def test_heatmap_layers_are_set_per_slice_composite_node(scene):
+    composites = {}
+    for name in ("Red", "Yellow", "Green"):
+        node = slicer.vtkMRMLSliceCompositeNode()
+        node.SetLayoutName(name)
+        scene.AddNode(node)
+        composites[name] = node
+    query = add_volume(scene, small_image(0)[0], "query")
+    target = add_volume(scene, small_image(1)[0], "target")
+    heatmap = add_volume(scene, small_image(2)[0], "heatmap")
+    heatmap.SetAttribute("GVSL.heatmap", "heatmap")
+    heatmap.SetAttribute("GVSL.targetVolumeID", target.GetID())
+    logic = GVSLLogic(scene)
+    logic.showHeatmapInViews(query, heatmap, opacity=0.3)
+    assert composites["Red"].GetBackgroundVolumeID() == query.GetID()
+    assert composites["Red"].GetForegroundVolumeID() is None
+    for name in ("Yellow", "Green"):
+        assert composites[name].GetBackgroundVolumeID() == target.GetID()
+        assert composites[name].GetForegroundVolumeID() == heatmap.GetID()
+        assert composites[name].GetForegroundOpacity() == pytest.approx(0.3)
+    # a second query (what every drag does) leaves the query view alone
+    logic.showHeatmapInViews(query, heatmap, opacity=0.3)
+    assert composites["Red"].GetBackgroundVolumeID() == query.GetID()
+    composites["Red"].SetForegroundOpacity(0.9)
+    logic.setHeatmapOpacity(0.7)
+    assert composites["Yellow"].GetForegroundOpacity() == pytest.approx(0.7)
+    assert composites["Red"].GetForegroundOpacity() == pytest.approx(0.9)
+
+
+# ------------------------------------------------ defect 8: sample data from a script
+def test_sample_pair_loads_from_a_script_without_download(scene, tmp_path):
+    logic = GVSLLogic(scene)
+    ct, twin = logic.loadSamplePair(tmp_path)
+    assert (ct.GetName(), twin.GetName()) == ("GVSLChestCT", "GVSLChestCTDeformed")
+    assert ct.GetImageData().GetDimensions() == (128, 128, 34)
+    assert twin.GetImageData().GetDimensions() == ct.GetImageData().GetDimensions()
+    a, b = slicer.util.arrayFromVolume(ct), slicer.util.arrayFromVolume(twin)
+    assert not np.array_equal(a, b)  # the twin is deformed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["GVSLChestCT.nrrd", "GVSLChestCTDeformed.nrrd"]
+
+
+# --------------------------------------------------- defect 11: collection reference
+class CountingScene:
+    """A scene that keeps the collections GetNodesByClass handed out."""
+
+    def __init__(self, scene):
+        self.scene, self.handed_out = scene, []
+
+    def GetNodesByClass(self, class_name):
+        collection = self.scene.GetNodesByClass(class_name)
+        self.handed_out.append(collection)
+        return collection
+
+
+def test_nodes_of_class_releases_the_collection(scene):
+    scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "a")
+    leaked = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+    assert leaked.GetReferenceCount() == 2  # Python's reference and the one GetNodesByClass hands over
+    counting = CountingScene(scene)
+    nodes = mrml_io.nodes_of_class(counting, "vtkMRMLScalarVolumeNode")
+    assert [n.GetName() for n in nodes] == ["a"]
+    assert counting.handed_out[0].GetReferenceCount() == 1  # only ours: freed with the Python object
+
+
+# ----------------------------------------------------- engine options and metrics
+def test_match_arguments_pass_only_what_the_user_changed():
+    base = match_arguments("f.nrrd", "m.nrrd", "out")
+    assert base == ["match", "f.nrrd", "m.nrrd", "--out", "out", "--device", "auto", "--preset", "auto",
+                    "--save-state", "--no-report"]
+    args = match_arguments("f.nrrd", "m.nrrd", "out", "model.pt", "cuda", "ct", refineIterations=0,
+                           similarity="mind", timeBudgetSeconds=30, precision="bf16")
+    assert args[len(base):] == ["--checkpoint", "model.pt", "--refine-iters", "0", "--similarity", "mind",
+                                "--time-budget", "30.0", "--precision", "bf16"]
+    assert "--refine-iters" not in match_arguments("f", "m", "o", refineIterations=None)
+    assert match_arguments("f", "m", "o", refineIterations=200)[-2:] == ["--refine-iters", "200"]
+
+
+def metrics(**extra):
+    base = {"local_ncc_before": 0.405, "local_ncc_affine": 0.331, "local_ncc_after": 0.456,
+            "folding_fraction": 0.0004, "jacobian_min": -0.24, "jacobian_max": 2.47,
+            "working_grid": {"shape_dhw": [64, 64, 64], "spacing_mm": 6.09}, "device": "cpu"}
+    return {**base, **extra}
+
+
+def test_match_summary_with_and_without_refinement():
+    old = match_summary(metrics())
+    assert "before 0.405" in old and "after 0.456" in old and "folding 0.040 %" in old
+    refined = match_summary(metrics(local_ncc_network=0.430, refinement={
+        "iterations": 150, "similarity": "lncc", "seconds": 3.2, "improved": True, "warning": None}))
+    assert "network 0.430" in refined and "refined 0.456" in refined and "150 iterations of lncc" in refined
+    network_only = match_summary(metrics(local_ncc_network=0.456, refinement={
+        "iterations": 0, "similarity": "lncc", "seconds": 0.0, "improved": False, "warning": None}))
+    assert "network 0.456" in network_only and "refined" not in network_only
+    warned = match_summary(metrics(local_ncc_network=0.46, refinement={
+        "iterations": 40, "similarity": "mind", "seconds": 9.9, "improved": False, "warning": "time budget"}))
+    assert "did not improve" in warned and "warning: time budget" in warned
+
+
+def test_segment_job_arguments_and_import(scene, tmp_path):
+    image, labels = small_image(3)
+    volume = add_volume(scene, image, "case")
+    logic = GVSLLogic(scene)
+    job, labels_path = logic.segmentJob(volume, tmp_path / "best.pt", "cpu", workFolder=tmp_path / "seg")
+    assert job.args[:2] == ["segment", str(tmp_path / "seg" / "image.nrrd")]
+    assert job.args[-2:] == ["--progress", "json"]
+    assert segment_arguments("i.nrrd", "c.pt", "o.nrrd", "cpu") == [
+        "segment", "i.nrrd", "--checkpoint", "c.pt", "--out", "o.nrrd", "--device", "cpu"]
+    assert sitk.ReadImage(str(tmp_path / "seg" / "image.nrrd")).GetSize() == image.GetSize()
+    # what gvsl segment writes: the label map and <stem>_classes.txt
+    sitk.WriteImage(sitk.Cast(labels, sitk.sitkUInt8), labels_path)
+    (tmp_path / "seg" / "labels_classes.txt").write_text("1 liver\n2 spleen\n3 left kidney\n", encoding="utf-8")
+    assert read_class_names(tmp_path / "seg" / "labels_classes.txt") == ["liver", "spleen", "left kidney"]
+    node = logic.importSegmentation(labels_path, volume)
+    segmentation = node.GetSegmentation()
+    present = sorted(int(v) for v in np.unique(sitk.GetArrayFromImage(labels)) if v > 0)
+    names = ["liver", "spleen", "left kidney"]
+    assert [segmentation.GetSegment(segmentation.GetNthSegmentID(i)).GetName()
+            for i in range(segmentation.GetNumberOfSegments())] == [names[v - 1] for v in present]
+
+
+def test_training_jobs_stop_through_the_run_folder(tmp_path):
+    from gvsl.stopfile import STOP_FILE_ENV
+    job = GVSLLogic.pretrainJob(tmp_path / "data", tmp_path / "run")
+    assert job.stop_file == tmp_path / "run" / "STOP" and job.env[STOP_FILE_ENV] == str(job.stop_file)
+    job = GVSLLogic.finetuneJob(tmp_path / "i", tmp_path / "l", tmp_path / "ft", ["liver"])
+    assert job.stop_file == tmp_path / "ft" / "STOP"
+
+
+# ------------------------------------------------- Also: a failed install is shown
+def test_failed_pip_install_message_names_packages_and_output():
+    error = subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "pip", "install", "monai>=1.3"],
+                                          output="Collecting monai\nERROR: No matching distribution found for monai\n")
+    message = dependencies.install_failure_message(error, ["monai>=1.3"])
+    assert message.startswith("Installing monai>=1.3 failed: CalledProcessError (exit status 1)")
+    assert "PythonSlicer -m pip install monai>=1.3" in message
+    assert "No matching distribution found for monai" in message
+    assert "Python console" in message
+    assert "disk full" in dependencies.install_failure_message(OSError("disk full"), ["tqdm"])
+
+
+def test_engine_ready_checks_without_importing():
+    assert dependencies.engine_ready() in (True, False)
+    assert json.dumps(dependencies.missing_packages())  # plain strings
