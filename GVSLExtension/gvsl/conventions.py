@@ -166,6 +166,17 @@ def voxel_to_normalized(coords: torch.Tensor, shape: Sequence[int]) -> torch.Ten
     return normalized.permute(0, 2, 3, 4, 1).flip(-1)
 
 
+def sample_matrix(shape: Sequence[int]) -> np.ndarray:
+    """4x4: voxel ``(d, h, w)`` of a volume of ``shape`` -> grid_sample's normalised
+    ``(x, y, z)`` (align_corners=True), the matrix form of :func:`voxel_to_normalized`."""
+    m = np.zeros((4, 4))
+    for row, axis in enumerate((2, 1, 0)):
+        m[row, axis] = 2.0 / max(shape[axis] - 1, 1)
+        m[row, 3] = -1.0
+    m[3, 3] = 1.0
+    return m
+
+
 def sample_at(volume: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear",
               padding_mode: str = "zeros") -> torch.Tensor:
     """Sample ``volume`` (N, C, D, H, W) at voxel coordinates ``coords`` (N, 3, d, h, w)

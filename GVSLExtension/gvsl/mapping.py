@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .conventions import Grid, identity_voxel_grid, sample_at
+from .conventions import Grid, sample_at, sample_matrix
 
 DEFAULT_SLAB_VOXELS = 1 << 22
 
@@ -126,17 +126,6 @@ def local_jacobian_determinant(local: torch.Tensor, grid: Grid) -> torch.Tensor:
     dp_dx = torch.from_numpy(grid.physical_to_voxel()[:3, :3].astype(np.float32))
     jac = torch.einsum("idhwk,kj->dhwij", dw_dp, dp_dx) + torch.eye(3)
     return torch.linalg.det(jac)
-
-
-def sample_matrix(shape: Sequence[int]) -> np.ndarray:
-    """4x4: voxel ``(d, h, w)`` of a volume of ``shape`` -> grid_sample's normalised
-    ``(x, y, z)`` (align_corners=True), the convention of :func:`conventions.voxel_to_normalized`."""
-    m = np.zeros((4, 4))
-    for row, axis in enumerate((2, 1, 0)):
-        m[row, axis] = 2.0 / max(shape[axis] - 1, 1)
-        m[row, 3] = -1.0
-    m[3, 3] = 1.0
-    return m
 
 
 class Slab:

@@ -31,7 +31,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .conventions import Grid, identity_voxel_grid, sample_at, voxel_to_normalized, warp
+from .conventions import Grid, identity_voxel_grid, sample_at, sample_matrix, voxel_to_normalized, warp
 from .mapping import Mapping, lps_to_voxel_flow, voxel_flow_to_lps
 
 SIMILARITIES = ("lncc", "mind")
@@ -293,12 +293,7 @@ class _Level:
         self.similarity = Similarity(options.similarity, self.fixed_volume, self.moving_volume, options.lncc_window)
         # voxel indices (1, D, H, W, 3 = d, h, w), channels last to feed grid_sample directly
         self.index = identity_voxel_grid(self.grid.shape, device).permute(0, 2, 3, 4, 1).contiguous()
-        size = torch.tensor(self.moving_grid.shape, dtype=torch.float64)
-        to_normalized = torch.eye(4, dtype=torch.float64)
-        to_normalized[:3, :3] = torch.diag(2.0 / (size - 1).clamp_min(1))
-        to_normalized[:3, 3] = -1.0
-        # moving voxel (d, h, w) -> grid_sample's (x, y, z) = normalised (w, h, d)
-        self.moving_voxel_to_sample = to_normalized[[2, 1, 0, 3]]
+        self.moving_voxel_to_sample = torch.from_numpy(sample_matrix(self.moving_grid.shape))
         self.device = device
         # control voxels -> level voxels, per tensor channel (d, h, w)
         ratio = np.asarray(self.control.spacing) / np.asarray(self.grid.spacing)
