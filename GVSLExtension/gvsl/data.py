@@ -28,7 +28,6 @@ CACHE_VERSION = 1
 
 
 MIN_VOXELS_PER_AXIS = 4  # fewer holds no 3D structure (and nothing for a 9^3 NCC window)
-SMALL_VOXELS_PER_AXIS = 16  # the network's four poolings: smaller volumes are mostly padding
 MAX_SPACING_RATIO = 10.0  # thicker slices than this are warned about: isotropic resampling invents them
 MIN_WORKING_VOXELS = 4  # an image must span this many voxels of the working grid along each axis
 
@@ -201,8 +200,8 @@ def image_grid(path) -> "Grid":
     if dim < 3:
         raise InputError(f"{path}: is {dim}D; a 3D volume is needed")
     direction = np.asarray(reader.GetDirection(), dtype=float).reshape(dim, dim)[:3, :3]
-    return Grid(tuple(reader.GetOrigin()[:3]), tuple(reader.GetSpacing()[:3]), tuple(float(v) for v in direction.ravel()),
-                tuple(reader.GetSize()[:3]))
+    return Grid(tuple(reader.GetOrigin()[:3]), tuple(reader.GetSpacing()[:3]),
+                tuple(float(v) for v in direction.ravel()), tuple(reader.GetSize()[:3]))
 
 
 def check_points(points: Sequence[dict], grids: dict, source: str = "points") -> List[dict]:
@@ -211,7 +210,7 @@ def check_points(points: Sequence[dict], grids: dict, source: str = "points") ->
     "fixed"/"moving" to that image's :class:`Grid`). The error names the row or item."""
     checked = []
     for k, item in enumerate(points):
-        where = f"{source} {item.get('where', f'item {k}')}"
+        where = f"{source} {item.get('where', f'item {k + 1}')}"
         image = item.get("image", "fixed")
         if image not in ("fixed", "moving"):
             raise InputError(f"{where}: image must be 'fixed' or 'moving', got {image!r}")
@@ -254,9 +253,6 @@ def check_image(image: sitk.Image, name: str = "<image>") -> sitk.Image:
     if min(size) < MIN_VOXELS_PER_AXIS:
         raise InputError(f"{name}: is only {' x '.join(map(str, size))} voxels; at least {MIN_VOXELS_PER_AXIS} "
                          f"along each axis are needed to hold 3D structure")
-    if min(size) < SMALL_VOXELS_PER_AXIS:
-        warn_input(f"{name}: is only {' x '.join(map(str, size))} voxels; with fewer than "
-                   f"{SMALL_VOXELS_PER_AXIS} along an axis most of what the network sees is padding")
     spacing = np.asarray(image.GetSpacing(), dtype=float)
     if spacing.min() <= 0 or not np.isfinite(spacing).all():
         raise InputError(f"{name}: has spacing {tuple(spacing)}; spacings must be positive")

@@ -14,6 +14,7 @@ The Slicer panel reads exactly this.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -323,8 +324,27 @@ def resume_state(run_dir: Path, model, optimizer, sampler, ddp: "Distributed", m
     return ckpt
 
 
+class TrainingDivergedError(RuntimeError):
+    pass
+
+
+def check_finite_losses(values: dict, step: int, run_dir: Path):
+    """A NaN loss means the weights are already lost; stop before they overwrite ``last.pt``."""
+    bad = [k for k, v in values.items() if not math.isfinite(float(v))]
+    if bad:
+        raise TrainingDivergedError(f"step {step}: the loss is not finite ({', '.join(bad)}): training diverged; "
+                                    f"{run_dir / 'checkpoints' / 'last.pt'} keeps the last good weights (if any): "
+                                    f"resume with a lower --lr")
+
+
 def write_checkpoint(run_dir: Path, payload: dict, step: int, periodic: bool) -> Path:
+    from .checkpoint import non_finite_tensors
     ckpt_dir = run_dir / "checkpoints"
+    bad = non_finite_tensors(payload["state_dict"])
+    if bad:
+        raise TrainingDivergedError(f"step {step}: {len(bad)} weight tensors are NaN or infinite (training "
+                                    f"diverged); not saved, so {ckpt_dir / 'last.pt'} keeps the last good weights "
+                                    f"(if any): resume with a lower --lr")
     path = save_atomic(payload, ckpt_dir / "last.pt")
     if periodic:
         save_atomic(payload, ckpt_dir / f"step_{step:07d}.pt")

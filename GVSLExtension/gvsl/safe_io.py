@@ -105,6 +105,17 @@ def non_finite_paths(obj, prefix: str = "") -> List[str]:
     return found
 
 
+def finite_or_none(obj):
+    """NaN and infinity replaced by ``None`` (JSON null) where "no value" is the truth."""
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    if isinstance(obj, (float, np.floating)) and not math.isfinite(float(obj)):
+        return None
+    return obj
+
+
 def strict_json(obj, what: str, **dump_options) -> str:
     """``json.dumps`` that refuses NaN and infinity (which no JSON reader accepts)."""
     bad = non_finite_paths(obj)
