@@ -151,36 +151,45 @@ def _gzip_length(path: str) -> int:
                 total += len(decompressor.decompress(rest))
 
 
-def check_complete(path: str):
-    """Compare what a NIfTI header declares with what the file holds. ITK reads a cut
-    NIfTI file without an error and fills the missing part with zeros; other formats
-    (NRRD, MetaImage) raise on their own."""
-    name = path.lower()
-    if not name.endswith(NIFTI_SUFFIXES):
-        return
-    compressed = name.endswith(".gz")
+def nifti_shortfall(path: str, require_header: bool = False) -> Optional[str]:
+    """Why a NIfTI file holds less than its header declares, or None if it is complete.
+    Costs one 4-byte read for a complete .nii.gz (the gzip trailer's length); only a
+    suspect file is decompressed to count. ``require_header``: an unparseable header is a
+    shortfall too (for files we just wrote)."""
+    compressed = path.lower().endswith(".gz")
     try:
         with (gzip.open(path, "rb") if compressed else open(path, "rb")) as handle:
             declared = _nifti_declared_bytes(handle.read(544))
     except (OSError, EOFError, zlib.error):
         declared = None
     if declared is None:
-        return  # ITK read it, so it is some other valid layout; nothing to compare
+        return "the NIfTI header is missing or cut" if require_header else None
     if compressed:
-        # Fast path: the gzip trailer's length (mod 2^32) matches for a complete single-member file.
         with open(path, "rb") as raw:
             raw.seek(-4, os.SEEK_END)
             trailer = struct.unpack("<I", raw.read(4))[0]
         if trailer == declared % (1 << 32):
-            return
+            return None
         present = _gzip_length(path)
         cut = present < 0
         present = abs(present + 1) if cut else present
     else:
         present, cut = os.path.getsize(path), False
     if cut or present < declared:
-        raise InputError(f"{path}: truncated: the header declares {declared} bytes, the file holds {present}"
-                         f"{' and its compressed stream ends early' if cut else ''}; re-copy or re-export it")
+        return (f"the header declares {declared} bytes, the file holds {present}"
+                f"{' and its compressed stream ends early' if cut else ''}")
+    return None
+
+
+def check_complete(path: str):
+    """Compare what a NIfTI header declares with what the file holds. ITK reads a cut
+    NIfTI file without an error and fills the missing part with zeros; other formats
+    (NRRD, MetaImage) raise on their own."""
+    if not path.lower().endswith(NIFTI_SUFFIXES):
+        return
+    shortfall = nifti_shortfall(path)
+    if shortfall:
+        raise InputError(f"{path}: truncated: {shortfall}; re-copy or re-export it")
 
 
 def image_grid(path) -> "Grid":
