@@ -365,10 +365,20 @@ def cache_key(paths: Sequence[str], *parameters) -> str:
 def write_cache_atomic(target: Path, write) -> Path:
     """``write(handle)`` into a temporary file beside ``target``, then rename: concurrent
     ranks or an interrupted run never leave a half-written cache entry."""
-    fd, tmp = tempfile.mkstemp(suffix=target.suffix, dir=target.parent)
-    with os.fdopen(fd, "wb") as handle:
-        write(handle)
-    os.replace(tmp, target)
+    from .safe_io import TEMP_PREFIX, ResultWriteError, write_failure_reason
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=target.suffix, dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.replace(tmp, target)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise ResultWriteError(f"{target.parent}: cannot write the preprocessing cache "
+                                   f"({write_failure_reason(exc, target.parent)}); free space or give "
+                                   f"another --cache-dir") from None
+        raise
     return target
 
 
@@ -399,6 +409,7 @@ class DatasetReport:
 
 def load_training_volumes(source, preset: str, spacing_mm: float, cache_dir, log=print):
     """All usable volumes of ``source``; bad files are reported by name and skipped."""
+    from .safe_io import ResultWriteError
     paths = find_volumes(source)
     arrays, used, skipped = [], [], []
     for path in paths:
@@ -406,6 +417,8 @@ def load_training_volumes(source, preset: str, spacing_mm: float, cache_dir, log
             arrays.append(cached_volume(path, preset, spacing_mm, cache_dir))
             used.append(path)
         except (InputError, OSError) as exc:
+            if isinstance(exc, ResultWriteError):
+                raise  # the cache's disk, not this volume, is the problem
             message = str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"
             skipped.append(message)
             log(f"skipped {message}")

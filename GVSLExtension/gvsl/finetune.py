@@ -359,7 +359,7 @@ def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
                 mean = float(np.nanmean(list(last_val.values())))
                 # A class absent from every validation case has no Dice: null in the log, not NaN.
                 metrics.write(finite_or_none({"step": step, "val_dice": last_val, "val_mean_dice": mean}))
-                reporter.event("validation", step=step, dice=last_val, mean_dice=mean)
+                reporter.event("validation", **finite_or_none({"step": step, "dice": last_val, "mean_dice": mean}))
                 if mean > best_dice:
                     best_dice = mean
                     save_atomic(payload(step, best_dice, gather=False), run_dir / "checkpoints" / "best.pt")

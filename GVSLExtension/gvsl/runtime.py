@@ -268,6 +268,7 @@ def prepare_run_dir(out, resume: bool, is_main: bool, log=None) -> Path:
                                    f"choose another --out") from None
         remove_stale_temporaries(run_dir / "checkpoints", STALE_CHECKPOINT_TEMPORARIES, log)
         remove_stale_temporaries(run_dir, log=log)
+        remove_stale_temporaries(run_dir / "cache", log=log)  # the default cache lives in the locked folder
     return run_dir
 
 
