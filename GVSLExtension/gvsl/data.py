@@ -282,7 +282,7 @@ def check_image(image: sitk.Image, name: str = "<image>") -> sitk.Image:
             array = fixed
     if array.dtype == np.float64:
         largest = float(np.abs(array).max())
-        if largest > np.finfo(np.float32).max:
+        if largest > float(np.finfo(np.float32).max):
             raise InputError(f"{name}: values reach {largest:.3g}, beyond the float32 working type "
                              f"(+-3.4e38: they would become infinite); rescale the volume")
     if float(array.max()) == float(array.min()):
