@@ -15,7 +15,7 @@ from .network import GVSL
 from .runtime import (Distributed, EtaClock, MetricsLog, Reporter, StopFlag, autocast_context, check_finite_losses,
                       error_events, gather_sampler_states, prepare_run_dir, resume_state, run_folder_lock,
                       write_checkpoint)
-from .safe_io import write_json_atomic
+from .safe_io import finite_or_none, write_json_atomic
 
 
 @dataclass
@@ -135,10 +135,11 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
             if step % cfg.log_every == 0 or step == cfg.iters or step == start_step + 1:
                 values = {k: float(v.detach()) for k, v in terms.items()}
                 values["total"] = float(loss.detach())
-                check_finite_losses(values, step, run_dir)
+                if not scaler.is_enabled():  # under fp16 GradScaler an inf loss is a skipped step, not divergence
+                    check_finite_losses(values, step, run_dir)
                 record = {"step": step, **values, "lr": optimizer.param_groups[0]["lr"],
                           "seconds_per_step": seconds, "samples_per_s": cfg.batch * ddp.world / seconds}
-                metrics.write(record)
+                metrics.write(finite_or_none(record))
                 reporter.event("progress", step=step, total=cfg.iters, loss=values, eta_s=clock.eta(step),
                                samples_per_s=record["samples_per_s"])
             if ddp.any_flag(stop.requested):
