@@ -401,3 +401,18 @@ def test_a_negative_int16_label_is_refused_not_cast_to_255(volumes, tmp_path, ca
     assert code == 1
     assert "c0.nii.gz: label map holds values [-1] outside 0..255 (1 voxels)" in error_line(err)
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_diverged_weights_never_overwrite_the_last_checkpoint(pretrained_run, tmp_path):
+    from gvsl.runtime import TrainingDivergedError, check_finite_losses, write_checkpoint
+    run = tmp_path / "run"
+    shutil.copytree(pretrained_run, run, ignore=shutil.ignore_patterns("cache"))
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    payload = read_checkpoint(run / "checkpoints" / "last.pt")
+    payload["state_dict"]["unet.inc.double_conv.0.weight"].fill_(float("nan"))
+    with pytest.raises(TrainingDivergedError, match=r"step 3: 1 weight tensors are NaN or infinite"):
+        write_checkpoint(run, payload, 3, periodic=True)
+    with pytest.raises(TrainingDivergedError, match=r"step 3: the loss is not finite \(ncc\)"):
+        check_finite_losses({"ncc": float("nan"), "mse": 0.1}, 3, run)
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"]
