@@ -44,17 +44,27 @@ class LoadReport:
         return text
 
 
-def save_atomic(obj, path) -> Path:
+def save_atomic(obj, path, verify: bool = False) -> Path:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``:
-    a crash mid-write never leaves a truncated checkpoint behind."""
+    a crash mid-write never leaves a truncated checkpoint behind, and a failed write (a
+    full disk) is one clear error that leaves the previous ``path`` as it was. ``verify``
+    reads the file back before the rename (for exports, which are written once)."""
+    from .safe_io import ResultWriteError, write_failure_reason
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                torch.save(obj, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if verify:
+                read_checkpoint(tmp)
+        except (OSError, RuntimeError, CheckpointError) as exc:
+            kept = f"; the previous {path.name} is unchanged" if path.exists() else ""
+            raise ResultWriteError(f"{path}: the checkpoint could not be written "
+                                   f"({write_failure_reason(exc, path.parent)}){kept}") from None
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint is an ordinary file
@@ -66,10 +76,74 @@ def save_atomic(obj, path) -> Path:
     return path
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+PICKLE_MAGIC = b"\x80"  # the legacy format: a pickle (protocol 2 or later)
+
+
+def _refuse_foreign_file(path: Path):
+    """A text file, an image or an empty file is named for what it is before torch tries
+    to unpickle it (which would call it "a file that needs arbitrary unpickling")."""
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if not head:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (the file is empty)")
+    if head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC):
+        return
+    text = head.decode("utf-8", "ignore")
+    if text and all(c.isprintable() or c in "\r\n\t" for c in text):
+        kind = f"a text file starting {text.strip().splitlines()[0][:40]!r}" if text.strip() else "a blank text file"
+    else:
+        kind = f"it starts with bytes {head[:8]!r}"
+    raise CheckpointError(f"{path}: not a PyTorch checkpoint ({kind}); expected weights saved by torch.save "
+                          f"(.pt/.pth) or a .safetensors file")
+
+
+def non_finite_tensors(state: Dict[str, torch.Tensor]) -> List[str]:
+    return [k for k, v in state.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _check_gvsl_checkpoint(obj: dict, path: Path):
+    """Our format's promises, checked before anything is built from them."""
+    state = obj.get("state_dict")
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path}: a GVSL checkpoint without its weights ('state_dict' is missing or empty); "
+                              f"the file is damaged or was written by another tool")
+    if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise CheckpointError(f"{path}: its 'state_dict' holds entries that are not tensors")
+    model = obj.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("width"), (int, float)):
+        raise CheckpointError(f"{path}: a GVSL checkpoint without its network description ('model' with a "
+                              f"'width'); the file is damaged or was written by another tool")
+    first = next((k for k in ("unet.inc.double_conv.0.weight", "backbone.inc.double_conv.0.weight") if k in state),
+                 None)
+    if first is None:
+        raise CheckpointError(f"{path}: holds no GVSL backbone weights (first keys: {', '.join(list(state)[:3])})")
+    actual = state[first].shape[0] / 32.0
+    if abs(float(model["width"]) - actual) > 1e-6:
+        raise CheckpointError(f"{path}: says width {model['width']}, but its weights have width {actual:g}; "
+                              f"the file is damaged")
+    if obj.get("kind") == "finetune":
+        classes = model.get("num_classes")
+        head = state.get("head.weight")
+        if not isinstance(classes, int) or head is None or head.shape[0] != classes + 1:
+            raise CheckpointError(f"{path}: says {classes} classes, but its segmentation head does not match; "
+                                  f"the file is damaged")
+
+
 def read_checkpoint(path) -> dict:
     """Load a checkpoint file without running pickled code. Returns our dict format, or
-    ``{"format": "state_dict", "state_dict": ...}`` for bare weights."""
-    path = Path(path)
+    ``{"format": "state_dict", "state_dict": ...}`` for bare weights. Weights that hold NaN
+    or infinity are refused: nothing computed from them would mean anything."""
+    obj = _read_checkpoint_unchecked(Path(path))
+    bad = non_finite_tensors(obj["state_dict"])
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} weight tensors hold NaN or infinity (e.g. {bad[0]}); the "
+                              f"weights are unusable (a training run that diverged?)")
+    return obj
+
+
+def _read_checkpoint_unchecked(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     if path.suffix == ".safetensors":
@@ -78,6 +152,7 @@ def read_checkpoint(path) -> dict:
             return {"format": "state_dict", "state_dict": load_file(str(path))}
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    _refuse_foreign_file(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -86,8 +161,12 @@ def read_checkpoint(path) -> dict:
             f"{str(exc).splitlines()[0][:200]}). Only plain tensors are loaded; re-save the weights "
             f"as a state_dict or .safetensors.") from exc
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if "central directory" in reason or "unexpected pos" in reason or isinstance(exc, EOFError):
+            reason = "the file is truncated or damaged"
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({reason})") from exc
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        _check_gvsl_checkpoint(obj, path)
         return obj
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
@@ -143,7 +222,7 @@ def export_weights(source, target) -> Path:
         raise CheckpointError(f"{source}: not one of our checkpoints")
     keep = ("format", "format_version", "kind", "model", "state_dict", "step", "config", "preprocessing",
             "classes", "mode", "init", "best_val_dice")
-    return save_atomic({k: v for k, v in ckpt.items() if k in keep}, target)
+    return save_atomic({k: v for k, v in ckpt.items() if k in keep}, target, verify=True)
 
 
 def load_model(path, device="cpu"):

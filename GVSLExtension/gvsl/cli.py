@@ -108,12 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_input_warnings(command: str):
+    """Doubts about the input (``gvsl.data.InputWarning``) as one plain line each."""
+    import warnings
+    from .data import InputWarning
+    default = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None):
+        if issubclass(category, InputWarning):
+            return f"gvsl {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+    warnings.formatwarning = one_line
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         # An ASCII locale must not turn a class name like "Lunge rechts" with an umlaut into a crash.
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
+    _one_line_input_warnings(args.command)
     try:
         if args.command == "pretrain":
             from .pretrain import PretrainConfig, run_pretrain

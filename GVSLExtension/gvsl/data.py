@@ -5,10 +5,14 @@ resampling; the geometry conventions are those of :mod:`gvsl.conventions`.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
+import struct
 import tempfile
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -16,15 +20,28 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .conventions import Grid, working_grid
+from .conventions import Grid, transform_points, working_grid
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 PRESETS = ("ct", "mr", "auto")
 CACHE_VERSION = 1
 
 
+MIN_VOXELS_PER_AXIS = 4  # fewer holds no 3D structure (and nothing for a 9^3 NCC window)
+MAX_SPACING_RATIO = 10.0  # thicker slices than this are warned about: isotropic resampling invents them
+MIN_WORKING_VOXELS = 4  # an image must span this many voxels of the working grid along each axis
+
+
 class InputError(ValueError):
     """Unusable input; the message names the file and the problem."""
+
+
+class InputWarning(UserWarning):
+    """Usable input whose results deserve doubt; the message names the file and why."""
+
+
+def warn_input(message: str):
+    warnings.warn(message, InputWarning, stacklevel=3)
 
 
 def is_volume_file(path: Path) -> bool:
@@ -85,6 +102,7 @@ def read_image(path, check: bool = True) -> sitk.Image:
             if not os.path.exists(path):
                 raise InputError(f"{path}: file not found")
             image = sitk.ReadImage(path)
+            check_complete(path)
     except InputError:
         raise
     except RuntimeError as exc:
@@ -92,6 +110,139 @@ def read_image(path, check: bool = True) -> sitk.Image:
         reason = next((ln for ln in first if "Description" in ln or "ERROR" in ln), first[-1] if first else "")
         raise InputError(f"{path}: unreadable ({reason.strip()[:200]})") from None
     return check_image(image, path) if check else image
+
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _nifti_declared_bytes(header: bytes) -> Optional[int]:
+    """vox_offset + voxel bytes that a NIfTI-1 or NIfTI-2 header declares (None if not NIfTI)."""
+    for order in ("<", ">"):
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = max(int(struct.unpack(order + "f", header[108:112])[0]), 352)
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = max(struct.unpack(order + "q", header[168:176])[0], 544)
+            break
+    else:
+        return None
+    count = int(np.prod([max(int(d), 1) for d in dims[1:1 + max(1, min(int(dims[0]), 7))]], dtype=np.int64))
+    return offset + count * max(int(bitpix), 8) // 8
+
+
+def _gzip_length(path: str) -> int:
+    """Bytes a .gz file decompresses to; a stream cut short stops counting where it ends."""
+    total = 0
+    with open(path, "rb") as raw:
+        decompressor = zlib.decompressobj(wbits=31)
+        while True:
+            chunk = raw.read(1 << 20)
+            if not chunk:
+                return total if decompressor.eof else -(total + 1)  # negative: no end-of-stream marker
+            data = decompressor.decompress(chunk)
+            total += len(data)
+            while decompressor.eof and decompressor.unused_data:  # concatenated gzip members
+                rest = decompressor.unused_data
+                decompressor = zlib.decompressobj(wbits=31)
+                total += len(decompressor.decompress(rest))
+
+
+def nifti_shortfall(path: str, require_header: bool = False) -> Optional[str]:
+    """Why a NIfTI file holds less than its header declares, or None if it is complete.
+    Costs one 4-byte read for a complete .nii.gz (the gzip trailer's length); only a
+    suspect file is decompressed to count. ``require_header``: an unparseable header is a
+    shortfall too (for files we just wrote)."""
+    compressed = path.lower().endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as handle:
+            declared = _nifti_declared_bytes(handle.read(544))
+    except (OSError, EOFError, zlib.error):
+        declared = None
+    if declared is None:
+        return "the NIfTI header is missing or cut" if require_header else None
+    if compressed:
+        with open(path, "rb") as raw:
+            raw.seek(-4, os.SEEK_END)
+            trailer = struct.unpack("<I", raw.read(4))[0]
+        if trailer == declared % (1 << 32):
+            return None
+        present = _gzip_length(path)
+        cut = present < 0
+        present = abs(present + 1) if cut else present
+    else:
+        present, cut = os.path.getsize(path), False
+    if cut or present < declared:
+        return (f"the header declares {declared} bytes, the file holds {present}"
+                f"{' and its compressed stream ends early' if cut else ''}")
+    return None
+
+
+def check_complete(path: str):
+    """Compare what a NIfTI header declares with what the file holds. ITK reads a cut
+    NIfTI file without an error and fills the missing part with zeros; other formats
+    (NRRD, MetaImage) raise on their own."""
+    if not path.lower().endswith(NIFTI_SUFFIXES):
+        return
+    shortfall = nifti_shortfall(path)
+    if shortfall:
+        raise InputError(f"{path}: truncated: {shortfall}; re-copy or re-export it")
+
+
+def image_grid(path) -> "Grid":
+    """The physical grid of an image file from its header only (nothing decompressed)."""
+    path = str(path)
+    if "::" in path or os.path.isdir(path):
+        return Grid.of(read_image(path, check=False))
+    if not os.path.exists(path):
+        raise InputError(f"{path}: file not found")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise InputError(f"{path}: unreadable (its header cannot be parsed)") from None
+    dim = reader.GetDimension()
+    if dim < 3:
+        raise InputError(f"{path}: is {dim}D; a 3D volume is needed")
+    direction = np.asarray(reader.GetDirection(), dtype=float).reshape(dim, dim)[:3, :3]
+    return Grid(tuple(reader.GetOrigin()[:3]), tuple(reader.GetSpacing()[:3]),
+                tuple(float(v) for v in direction.ravel()), tuple(reader.GetSize()[:3]))
+
+
+def check_points(points: Sequence[dict], grids: dict, source: str = "points") -> List[dict]:
+    """Query points ``{"point": [x, y, z], "image": "fixed"|"moving", "where": "row 3"}``:
+    three finite LPS coordinates inside the image each is placed on (``grids`` maps
+    "fixed"/"moving" to that image's :class:`Grid`). The error names the row or item."""
+    checked = []
+    for k, item in enumerate(points):
+        where = f"{source} {item.get('where', f'item {k + 1}')}"
+        image = item.get("image", "fixed")
+        if image not in ("fixed", "moving"):
+            raise InputError(f"{where}: image must be 'fixed' or 'moving', got {image!r}")
+        try:
+            point = np.asarray(item["point"], dtype=float).reshape(-1)
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{where}: needs a point with 3 numbers x, y, z (LPS mm)") from None
+        if point.size != 3:
+            raise InputError(f"{where}: needs 3 coordinates x, y, z, got {point.size}")
+        if not np.isfinite(point).all():
+            raise InputError(f"{where}: coordinates {point.tolist()} are not all finite numbers")
+        grid = grids.get(image) if grids else None
+        if grid is not None:
+            voxel = transform_points(grid.physical_to_voxel(), point[None])[0]  # (d, h, w)
+            if not all(-0.5 <= voxel[a] <= grid.shape[a] - 0.5 for a in range(3)):
+                corners = np.array([[d, h, w] for d in (0, grid.shape[0] - 1) for h in (0, grid.shape[1] - 1)
+                                    for w in (0, grid.shape[2] - 1)], dtype=float)
+                lps = transform_points(grid.voxel_to_physical(), corners)
+                raise InputError(f"{where}: LPS point {np.round(point, 2).tolist()} mm lies outside the {image} "
+                                 f"image (its voxel centres span {np.round(lps.min(0), 1).tolist()} to "
+                                 f"{np.round(lps.max(0), 1).tolist()} mm)")
+        checked.append({**item, "point": point.tolist(), "image": image})
+    return checked
 
 
 def check_image(image: sitk.Image, name: str = "<image>") -> sitk.Image:
@@ -108,6 +259,16 @@ def check_image(image: sitk.Image, name: str = "<image>") -> sitk.Image:
     size = image.GetSize()
     if min(size) < 2 or np.prod(size) == 0:
         raise InputError(f"{name}: is empty or a single slice (size {size}); a 3D volume is needed")
+    if min(size) < MIN_VOXELS_PER_AXIS:
+        raise InputError(f"{name}: is only {' x '.join(map(str, size))} voxels; at least {MIN_VOXELS_PER_AXIS} "
+                         f"along each axis are needed to hold 3D structure")
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    if spacing.min() <= 0 or not np.isfinite(spacing).all():
+        raise InputError(f"{name}: has spacing {tuple(spacing)}; spacings must be positive")
+    if spacing.max() / spacing.min() > MAX_SPACING_RATIO:
+        warn_input(f"{name}: voxels are {' x '.join(f'{v:g}' for v in spacing)} mm "
+                   f"({spacing.max() / spacing.min():.0f}:1); resampling to isotropic voxels interpolates "
+                   f"across the {spacing.max():g}-mm gaps, so detail along that axis is invented")
     array = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(array.dtype, np.floating):
         finite = np.isfinite(array)
@@ -119,6 +280,11 @@ def check_image(image: sitk.Image, name: str = "<image>") -> sitk.Image:
             clean.CopyInformation(image)
             image = clean
             array = fixed
+    if array.dtype == np.float64:
+        largest = float(np.abs(array).max())
+        if largest > float(np.finfo(np.float32).max):
+            raise InputError(f"{name}: values reach {largest:.3g}, beyond the float32 working type "
+                             f"(+-3.4e38: they would become infinite); rescale the volume")
     if float(array.max()) == float(array.min()):
         raise InputError(f"{name}: is empty (every voxel is {float(array.min())})")
     return image
@@ -154,13 +320,23 @@ def normalized_image(image: sitk.Image, preset: str) -> Tuple[sitk.Image, str]:
 
 
 def fitting_grid(images: Sequence[sitk.Image], spacing_mm: float = 1.0, max_size: Optional[int] = None,
-                 multiple: int = 16) -> List[Grid]:
+                 multiple: int = 16, names: Optional[Sequence[str]] = None) -> List[Grid]:
     """Working grids (identity direction, isotropic) of one common size, each centred on
     its own image and covering the largest extent; spacing grows if ``max_size`` caps the
-    size. Sizes are multiples of ``multiple`` so the U-Net needs no padding."""
-    extents = np.max([Grid.of(im).physical_extent() for im in images], axis=0)  # LPS mm (x, y, z)
+    size. Sizes are multiples of ``multiple`` so the U-Net needs no padding. An image that
+    would span fewer than :data:`MIN_WORKING_VOXELS` working voxels along an axis is
+    refused: what remains of it is a line or a sheet, and every measure on it is noise."""
+    own_extents = [Grid.of(im).physical_extent() for im in images]
+    extents = np.max(own_extents, axis=0)  # LPS mm (x, y, z)
     if max_size is not None:
         spacing_mm = max(spacing_mm, float(extents.max()) / max_size)
+    for k, extent in enumerate(own_extents):
+        if float(np.min(extent)) / spacing_mm < MIN_WORKING_VOXELS:
+            name = names[k] if names else ("fixed image", "moving image")[k] if len(images) == 2 else f"image {k}"
+            raise InputError(f"{name}: covers {' x '.join(f'{e:.1f}' for e in extent)} mm, only "
+                             f"{float(np.min(extent)) / spacing_mm:.1f} voxels across on the {spacing_mm:.2f}-mm "
+                             f"isotropic working grid (at least {MIN_WORKING_VOXELS} are needed); a volume this "
+                             f"thin has no 3D structure to match (check its spacing)")
     size_xyz = np.ceil(extents / spacing_mm / multiple).astype(int) * multiple
     if max_size is not None:
         size_xyz = np.minimum(size_xyz, max(multiple, (max_size // multiple) * multiple))
@@ -189,10 +365,20 @@ def cache_key(paths: Sequence[str], *parameters) -> str:
 def write_cache_atomic(target: Path, write) -> Path:
     """``write(handle)`` into a temporary file beside ``target``, then rename: concurrent
     ranks or an interrupted run never leave a half-written cache entry."""
-    fd, tmp = tempfile.mkstemp(suffix=target.suffix, dir=target.parent)
-    with os.fdopen(fd, "wb") as handle:
-        write(handle)
-    os.replace(tmp, target)
+    from .safe_io import TEMP_PREFIX, ResultWriteError, write_failure_reason
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=target.suffix, dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.replace(tmp, target)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise ResultWriteError(f"{target.parent}: cannot write the preprocessing cache "
+                                   f"({write_failure_reason(exc, target.parent)}); free space or give "
+                                   f"another --cache-dir") from None
+        raise
     return target
 
 
@@ -223,6 +409,7 @@ class DatasetReport:
 
 def load_training_volumes(source, preset: str, spacing_mm: float, cache_dir, log=print):
     """All usable volumes of ``source``; bad files are reported by name and skipped."""
+    from .safe_io import ResultWriteError
     paths = find_volumes(source)
     arrays, used, skipped = [], [], []
     for path in paths:
@@ -230,6 +417,8 @@ def load_training_volumes(source, preset: str, spacing_mm: float, cache_dir, log
             arrays.append(cached_volume(path, preset, spacing_mm, cache_dir))
             used.append(path)
         except (InputError, OSError) as exc:
+            if isinstance(exc, ResultWriteError):
+                raise  # the cache's disk, not this volume, is the problem
             message = str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"
             skipped.append(message)
             log(f"skipped {message}")

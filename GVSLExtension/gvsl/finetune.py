@@ -7,7 +7,6 @@ evaluation). Class names and preprocessing travel inside the checkpoint.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,8 +22,10 @@ from .data import (InputError, cache_key, find_volumes, fitting_grid, normalized
                    write_cache_atomic)
 from .metrics import dice_per_label
 from .network import GVSL, SegmentationNet
-from .runtime import (Distributed, EtaClock, MetricsLog, Reporter, StopFlag, autocast_context, error_events,
-                      gather_sampler_states, prepare_run_dir, resume_state, write_checkpoint)
+from .runtime import (Distributed, EtaClock, MetricsLog, Reporter, StopFlag, autocast_context, check_finite_losses,
+                      error_events, gather_sampler_states, prepare_run_dir, resume_state, run_folder_lock,
+                      write_checkpoint)
+from .safe_io import finite_or_none, write_json_atomic
 
 
 @dataclass
@@ -102,12 +103,40 @@ def check_same_geometry(image: sitk.Image, label: sitk.Image, image_path: str, l
         raise InputError(f"{image_path} and its label {label_path} differ in geometry: " + "; ".join(problems))
 
 
+MAX_LABEL = 255  # label maps are cached and trained as uint8
+
+
 def read_label(path: str) -> sitk.Image:
+    """A label map as uint8: 0 = background, 1..K = classes. Negative values or values above
+    255 are refused by name (a cast would silently turn -1 into class 255)."""
     image = read_image(path, check=False)  # an all-background label map is allowed
     array = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.equal(np.mod(array, 1), 0)):
         raise InputError(f"{path}: label map holds non-integer values")
-    return sitk.Cast(image, sitk.sitkUInt8) if array.max() < 256 and array.min() >= 0 else image
+    low, high = array.min(), array.max()
+    if low < 0 or high > MAX_LABEL:
+        values = np.unique(array)
+        bad = [int(v) for v in values if v < 0 or v > MAX_LABEL]
+        raise InputError(f"{path}: label map holds values {bad[:5]} outside 0..{MAX_LABEL} "
+                         f"({int(((array < 0) | (array > MAX_LABEL)).sum())} voxels); labels are 0 = background, "
+                         f"1..K = classes")
+    return sitk.Cast(image, sitk.sitkUInt8)
+
+
+def infer_class_count(label_values_by_file: dict, source) -> int:
+    """K for labels 1..K when ``--classes`` is not given, refusing label maps whose largest
+    value is a stray (most of 1..max absent): it would create that many empty classes."""
+    present = sorted(set().union(*label_values_by_file.values()) - {0}) if label_values_by_file else []
+    if not present:
+        raise InputError(f"{source}: the label maps hold background only")
+    largest = present[-1]
+    if len(present) < largest / 2:
+        holders = [str(path) for path, values in label_values_by_file.items() if largest in values]
+        raise InputError(f"{source}: labels {present[:8]}{'...' if len(present) > 8 else ''} are sparse: inferring "
+                         f"the class count from the largest ({largest}, in {', '.join(holders[:2])}) would train "
+                         f"{largest} classes, {largest - len(present)} of them absent; pass --classes with the "
+                         f"names of labels 1..K, or fix the label maps")
+    return largest
 
 
 def preprocess_case(image_path: str, label_path: str, preset: str, spacing: float, num_classes: Optional[int],
@@ -211,7 +240,10 @@ def run_finetune(cfg: FinetuneConfig, progress: str = "auto") -> dict:
     reporter = Reporter(progress, enabled=ddp.is_main)
     with error_events(reporter):
         try:
-            return _run(cfg, ddp, reporter)
+            # One writer per run folder; a second run on the same --out is refused.
+            with run_folder_lock(cfg.out, "gvsl finetune", ddp.is_main,
+                                 log=lambda message: reporter.event("log", message=message)):
+                return _run(cfg, ddp, reporter)
         finally:
             ddp.close()
 
@@ -227,9 +259,9 @@ def _load_cases(pairs, cfg, num_classes, cache_dir):
 
 def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
     device = ddp.device
-    run_dir = prepare_run_dir(cfg.out, cfg.resume, ddp.is_main)
-    last = run_dir / "checkpoints" / "last.pt"
     log = (lambda msg: reporter.event("log", message=msg)) if ddp.is_main else (lambda msg: None)
+    run_dir = prepare_run_dir(cfg.out, cfg.resume, ddp.is_main, log)
+    last = run_dir / "checkpoints" / "last.pt"
     cache_dir = cfg.cache_dir or str(run_dir / "cache")
 
     pairs = pair_images_and_labels(cfg.images, cfg.labels)
@@ -244,9 +276,12 @@ def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
     declared = len(cfg.classes) if cfg.classes else None
     train_cases, presets = _load_cases(train_pairs, cfg, declared, cache_dir)
     val_cases, _ = _load_cases(val_pairs, cfg, declared, cache_dir)
-    num_classes = declared or int(max(int(lab.max()) for _, lab in train_cases + val_cases))
-    if num_classes < 1:
-        raise InputError(f"{cfg.labels}: the label maps hold background only")
+    if declared:
+        num_classes = declared
+    else:
+        values = {label_path: set(np.unique(lab).tolist())
+                  for (_, label_path), (_, lab) in zip(train_pairs + val_pairs, train_cases + val_cases)}
+        num_classes = infer_class_count(values, cfg.labels)
     classes = cfg.classes or [f"class_{k}" for k in range(1, num_classes + 1)]
 
     torch.manual_seed(cfg.seed)
@@ -262,8 +297,10 @@ def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
         ckpt = resume_state(run_dir, model, optimizer, sampler, ddp, metrics, log)
         start_step = int(ckpt["step"])
         best_dice = float(ckpt.get("best_val_dice", -1.0))
+    else:
+        metrics.set_aside(log)
     if ddp.is_main:
-        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2), encoding="utf-8")
+        write_json_atomic(run_dir / "config.json", asdict(cfg))
 
     from monai.losses import DiceCELoss
     criterion = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -313,14 +350,16 @@ def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
             if step % cfg.log_every == 0 or step == cfg.iters or step == start_step + 1:
                 record = {"step": step, "loss": float(loss.detach()), "lr": cfg.lr, "seconds_per_step": seconds,
                           "samples_per_s": cfg.batch * ddp.world / seconds}
+                check_finite_losses({"dice_ce": record["loss"]}, step, run_dir)
                 metrics.write(record)
                 reporter.event("progress", step=step, total=cfg.iters, loss={"dice_ce": record["loss"]},
                                eta_s=clock.eta(step))
             if val_cases and (step % cfg.val_every == 0 or step == cfg.iters) and ddp.is_main:
                 last_val = validate(step)
                 mean = float(np.nanmean(list(last_val.values())))
-                metrics.write({"step": step, "val_dice": last_val, "val_mean_dice": mean})
-                reporter.event("validation", step=step, dice=last_val, mean_dice=mean)
+                # A class absent from every validation case has no Dice: null in the log, not NaN.
+                metrics.write(finite_or_none({"step": step, "val_dice": last_val, "val_mean_dice": mean}))
+                reporter.event("validation", **finite_or_none({"step": step, "dice": last_val, "mean_dice": mean}))
                 if mean > best_dice:
                     best_dice = mean
                     save_atomic(payload(step, best_dice, gather=False), run_dir / "checkpoints" / "best.pt")

@@ -131,20 +131,34 @@ class MatchResult:
     # -------------------------------------------------------------- state file
     def save_state(self, path) -> Path:
         """Everything heatmap queries and point mapping need (features, grids, fields) in
-        one ``.npz``; :meth:`load_state` rebuilds the result from it and the saved files."""
+        one ``.npz``; :meth:`load_state` rebuilds the result from it and the saved files.
+        Written under a temporary name and renamed once complete."""
+        from .safe_io import StagedFiles, strict_json
         path = Path(path)
+        grids = json.dumps({"fixed": self.fixed_grid.to_json(), "moving": self.moving_grid.to_json()})
+        metrics = strict_json(self.metrics, f"{path} (metrics)")
         mappings = {}
         for name, mapping in (("mapping", self.mapping), ("network_mapping", self.network_mapping)):
             mappings[f"{name}_affine"] = mapping.affine
             mappings[f"{name}_local"] = mapping.local.numpy() if mapping.local is not None else np.zeros(0)
             mappings[f"{name}_grid"] = json.dumps(mapping.grid.to_json() if mapping.grid is not None else None)
-        np.savez(path, voxel_affine=self.voxel_affine, local_displacement=self.local_displacement.numpy(), **mappings,
-                 features_fixed=self.features["fixed"].to(torch.float16).numpy(),
-                 features_moving=self.features["moving"].to(torch.float16).numpy(),
-                 fixed_working=self.fixed_working, moving_working=self.moving_working,
-                 warped_working=self.warped_working, moving_on_fixed_working=self.moving_on_fixed_working,
-                 grids=json.dumps({"fixed": self.fixed_grid.to_json(), "moving": self.moving_grid.to_json()}),
-                 metrics=json.dumps(self.metrics))
+
+        def write(tmp):
+            with open(tmp, "wb") as handle:  # a handle: np.savez would append .npz to a path
+                np.savez(handle, voxel_affine=self.voxel_affine, local_displacement=self.local_displacement.numpy(),
+                         features_fixed=self.features["fixed"].to(torch.float16).numpy(),
+                         features_moving=self.features["moving"].to(torch.float16).numpy(),
+                         fixed_working=self.fixed_working, moving_working=self.moving_working,
+                         warped_working=self.warped_working, moving_on_fixed_working=self.moving_on_fixed_working,
+                         grids=grids, metrics=metrics, **mappings)
+
+        def verify(tmp):
+            with np.load(tmp) as stored:  # reading every member checks each one's CRC
+                for key in stored.files:
+                    stored[key]
+
+        with StagedFiles(path.parent) as stage:
+            stage.write_with(path.name, write, verify)
         return path
 
     @staticmethod
@@ -180,38 +194,46 @@ class MatchResult:
     # ------------------------------------------------------------------- export
     def save(self, out_dir, points: Sequence[dict] = (), report: bool = True) -> Dict[str, str]:
         """Write affine.tfm, displacement.nii.gz, warped.nii.gz, jacobian.nii.gz,
-        metrics.json, heatmap_<k>.nii.gz + points.json and report.png."""
+        metrics.json, heatmap_<k>.nii.gz + points.json and report.png.
+
+        All or nothing: each file is written under a temporary name and read back, values
+        must be finite, and the files get their final names (metrics.json last) only when
+        every one is complete; on any failure the folder keeps what it held before."""
+        from .data import check_points
+        from .safe_io import NonFiniteError, StagedFiles, non_finite_paths
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        files = {"affine": out / "affine.tfm", "displacement": out / "displacement.nii.gz",
-                 "warped": out / "warped.nii.gz", "jacobian": out / "jacobian.nii.gz",
-                 "metrics": out / "metrics.json"}
-        sitk.WriteTransform(self.affine_transform, str(files["affine"]))
-        sitk.WriteImage(self.displacement, str(files["displacement"]))
-        if self.network_mapping is not self.mapping:
-            files["network_displacement"] = out / "network_displacement.nii.gz"
-            sitk.WriteImage(displacement_image(self.network_mapping, Grid.of(self.displacement)),
-                            str(files["network_displacement"]))
-        sitk.WriteImage(self.warped, str(files["warped"]))
-        sitk.WriteImage(self.jacobian, str(files["jacobian"]))
-        answers = []
-        for k, query in enumerate(points):
-            heat, best, score = self.heatmap(query["point"], query.get("image", "fixed"))
-            path = out / f"heatmap_{k}.nii.gz"
-            sitk.WriteImage(heat, str(path))
-            answers.append({"index": k, "query_lps": list(map(float, query["point"])),
-                            "query_image": query.get("image", "fixed"), "best_match_lps": best.tolist(),
-                            "similarity": score, "heatmap": path.name})
-        if points:
-            files["points"] = out / "points.json"
-            files["points"].write_text(json.dumps(answers, indent=2), encoding="utf-8")
-        if report:
-            from .report import match_report
-            files["report"] = out / "report.png"
-            match_report(self, answers, files["report"])
-        self.metrics.setdefault("seconds", {})["export"] = time.perf_counter() - t0
-        files["metrics"].write_text(json.dumps(self.metrics, indent=2), encoding="utf-8")
+        points = check_points(points, {"fixed": Grid.of(self.fixed), "moving": Grid.of(self.moving)})
+        bad = non_finite_paths(self.metrics)
+        if bad:
+            raise NonFiniteError(f"the result holds NaN or infinite values ({', '.join(bad[:4])}); nothing "
+                                       f"was written to {out}. Check the model's weights (--checkpoint) and the "
+                                       f"input intensities")
+        names = {"affine": "affine.tfm", "displacement": "displacement.nii.gz", "warped": "warped.nii.gz",
+                 "jacobian": "jacobian.nii.gz"}
+        files = {}
+        with StagedFiles(out) as stage:
+            files["affine"] = stage.write_transform(names["affine"], self.affine_transform)
+            for key in ("displacement", "warped", "jacobian"):
+                files[key] = stage.write_image(names[key], getattr(self, key))
+            if self.network_mapping is not self.mapping:
+                files["network_displacement"] = stage.write_image(
+                    "network_displacement.nii.gz", displacement_image(self.network_mapping, Grid.of(self.displacement)))
+            answers = []
+            for k, query in enumerate(points):
+                heat, best, score = self.heatmap(query["point"], query.get("image", "fixed"))
+                name = f"heatmap_{k}.nii.gz"
+                stage.write_image(name, heat)
+                answers.append({"index": k, "query_lps": list(map(float, query["point"])),
+                                "query_image": query.get("image", "fixed"), "best_match_lps": best.tolist(),
+                                "similarity": score, "heatmap": name})
+            if points:
+                files["points"] = stage.write_json("points.json", answers)
+            if report:
+                from .report import match_report
+                files["report"] = stage.write_with("report.png", lambda tmp: match_report(self, answers, tmp))
+            self.metrics.setdefault("seconds", {})["export"] = time.perf_counter() - t0
+            files["metrics"] = stage.write_json("metrics.json", self.metrics)
         return {k: str(v) for k, v in files.items()}
 
 
@@ -423,38 +445,67 @@ def jacobian_determinant(displacement: sitk.Image) -> sitk.Image:
 # ----------------------------------------------------------------------------- CLI
 
 
-def read_points(path) -> List[dict]:
+def read_points(path, grids: Optional[dict] = None) -> List[dict]:
     """Query points: CSV rows ``x,y,z[,image]`` or JSON ``[{"point": [x,y,z], "image": ...}]``
-    in LPS mm (add ``"space": "RAS"`` in JSON for Slicer coordinates)."""
+    in LPS mm (add ``"space": "RAS"`` in JSON for Slicer coordinates). Each point must have
+    three finite coordinates and, given ``grids`` ({"fixed": Grid, "moving": Grid}, e.g. from
+    :func:`gvsl.data.image_grid`), lie inside the image it is placed on; errors name the
+    CSV row or JSON item."""
     from .conventions import ras_to_lps
+    from .data import check_points
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: points file not found")
     points = []
     try:
-        if path.suffix.lower() == ".json":
-            for item in json.loads(path.read_text(encoding="utf-8")):
-                if isinstance(item, (list, tuple)):
-                    item = {"point": item}
-                p = np.asarray(item["point"], dtype=float)
-                if str(item.get("space", "LPS")).upper() == "RAS":
-                    p = ras_to_lps(p)
-                points.append({"point": p.tolist(), "image": item.get("image", "fixed")})
-        else:
-            for row in csv.reader(path.read_text(encoding="utf-8").splitlines()):
-                if not row or row[0].strip().startswith("#"):
-                    continue
-                try:
-                    xyz = [float(v) for v in row[:3]]
-                except ValueError:
-                    continue  # header
-                points.append({"point": xyz, "image": (row[3].strip() if len(row) > 3 else "fixed") or "fixed"})
-    except (ValueError, KeyError, TypeError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read points ({exc})") from None
-    for p in points:
-        if p["image"] not in ("fixed", "moving"):
-            raise InputError(f"{path}: image must be 'fixed' or 'moving', got {p['image']!r}")
-    return points
+    if path.suffix.lower() == ".json":
+        try:
+            items = json.loads(text)
+        except ValueError as exc:
+            raise InputError(f"{path}: not valid JSON ({exc})") from None
+        if isinstance(items, dict) and "points" in items:
+            items = items["points"]
+        if not isinstance(items, list):
+            raise InputError(f"{path}: expected a JSON list of points")
+        for k, item in enumerate(items):
+            where = f"item {k + 1}"
+            if isinstance(item, (list, tuple)):
+                item = {"point": item}
+            if not isinstance(item, dict) or "point" not in item:
+                raise InputError(f"{path} {where}: expected {{\"point\": [x, y, z]}} or [x, y, z]")
+            try:
+                p = np.asarray(item["point"], dtype=float).reshape(-1)
+            except (TypeError, ValueError):
+                raise InputError(f"{path} {where}: coordinates {item['point']!r} are not numbers") from None
+            if str(item.get("space", "LPS")).upper() == "RAS" and p.size == 3:
+                p = ras_to_lps(p)
+            points.append({"point": p.tolist(), "image": item.get("image", "fixed"), "where": where})
+    else:
+        seen_data = False
+        for number, row in enumerate(csv.reader(text.splitlines()), start=1):
+            if not row or not "".join(row).strip() or row[0].strip().startswith("#"):
+                continue
+            where = f"row {number}"
+            values = [v.strip() for v in row]
+            numeric = []
+            for v in values[:3]:
+                try:
+                    numeric.append(float(v))
+                except ValueError:
+                    break
+            if not seen_data and len(numeric) == 0:
+                continue  # a header line such as "x,y,z,image"
+            seen_data = True
+            if len(numeric) < 3:
+                got = len(numeric) if len(numeric) == len(values[:3]) else f"{values[:3]!r}"
+                raise InputError(f"{path} {where}: needs 3 numbers x,y,z[,image], got {got}")
+            points.append({"point": numeric, "image": (values[3] if len(values) > 3 else "fixed") or "fixed",
+                           "where": where})
+    checked = check_points(points, grids or {}, str(path))
+    return [{"point": p["point"], "image": p["image"]} for p in checked]
 
 
 def summary_line(m: dict) -> str:
@@ -469,24 +520,33 @@ def summary_line(m: dict) -> str:
 
 
 def match_cli(args):
+    from .data import image_grid
     from .runtime import Reporter, error_events
+    from .safe_io import RunLock, check_writable_folder, remove_stale_temporaries
     reporter = Reporter(args.progress)
     with error_events(reporter):
         reporter.event("start", step=0, total=4)
-        points = read_points(args.points) if args.points else []
+        # Everything that can be checked cheaply is checked before the network runs: the
+        # output folder, the images' headers and the query points on them.
+        log = lambda message: reporter.event("log", message=message)  # noqa: E731
+        with RunLock(args.out, "gvsl match", log=log):
+            check_writable_folder(args.out)
+            remove_stale_temporaries(args.out, log=log)
+            grids = {"fixed": image_grid(args.fixed), "moving": image_grid(args.moving)}
+            points = read_points(args.points, grids) if args.points else []
 
-        def progress(stage, fraction):
-            reporter.event("progress", step=int(fraction * 3), total=4, stage=stage, loss={}, eta_s=0.0)
+            def progress(stage, fraction):
+                reporter.event("progress", step=int(fraction * 3), total=4, stage=stage, loss={}, eta_s=0.0)
 
-        result = match_pair(args.fixed, args.moving, args.checkpoint, device=args.device, preset=args.preset,
-                            spacing_mm=args.spacing, max_size=args.max_size, progress=progress,
-                            refine_iters=args.refine_iters, similarity=args.similarity,
-                            time_budget_s=args.time_budget)
-        files = result.save(args.out, points, report=not args.no_report)
-        if args.save_state:
-            files["state"] = str(result.save_state(Path(args.out) / "state.npz"))
+            result = match_pair(args.fixed, args.moving, args.checkpoint, device=args.device, preset=args.preset,
+                                spacing_mm=args.spacing, max_size=args.max_size, progress=progress,
+                                refine_iters=args.refine_iters, similarity=args.similarity,
+                                time_budget_s=args.time_budget)
+            files = result.save(args.out, points, report=not args.no_report)
+            if args.save_state:
+                files["state"] = str(result.save_state(Path(args.out) / "state.npz"))
         reporter.event("progress", step=4, total=4, stage="export", loss={}, eta_s=0.0)
         print(summary_line(result.metrics), flush=True)
         if result.metrics["refinement"].get("warning"):
             print(f"warning: {result.metrics['refinement']['warning']}", file=sys.stderr, flush=True)
-        reporter.event("done", files=files, metrics={k: v for k, v in m.items() if k != "field_grid"})
+        reporter.event("done", files=files, metrics={k: v for k, v in result.metrics.items() if k != "field_grid"})

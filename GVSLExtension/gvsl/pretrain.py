@@ -1,7 +1,6 @@
 """``gvsl pretrain``: GVSL self-supervised pre-training, from one CPU to many GPUs."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
@@ -13,8 +12,10 @@ from .checkpoint import FORMAT, FORMAT_VERSION
 from .data import PairSampler, load_training_volumes
 from .losses import GVSLLoss, LossWeights
 from .network import GVSL
-from .runtime import (Distributed, EtaClock, MetricsLog, Reporter, StopFlag, autocast_context,
-                      error_events, gather_sampler_states, prepare_run_dir, resume_state, write_checkpoint)
+from .runtime import (Distributed, EtaClock, MetricsLog, Reporter, StopFlag, autocast_context, check_finite_losses,
+                      error_events, gather_sampler_states, prepare_run_dir, resume_state, run_folder_lock,
+                      write_checkpoint)
+from .safe_io import finite_or_none, write_json_atomic
 
 
 @dataclass
@@ -46,16 +47,19 @@ def run_pretrain(cfg: PretrainConfig, progress: str = "auto") -> dict:
     reporter = Reporter(progress, enabled=ddp.is_main)
     with error_events(reporter):
         try:
-            return _run(cfg, ddp, reporter)
+            # One writer per run folder; a second run on the same --out is refused.
+            with run_folder_lock(cfg.out, "gvsl pretrain", ddp.is_main,
+                                 log=lambda message: reporter.event("log", message=message)):
+                return _run(cfg, ddp, reporter)
         finally:
             ddp.close()
 
 
 def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
     device = ddp.device
-    run_dir = prepare_run_dir(cfg.out, cfg.resume, ddp.is_main)
-    cache_dir = cfg.cache_dir or str(run_dir / "cache")
     log = (lambda msg: reporter.event("log", message=msg)) if ddp.is_main else (lambda msg: None)
+    run_dir = prepare_run_dir(cfg.out, cfg.resume, ddp.is_main, log)
+    cache_dir = cfg.cache_dir or str(run_dir / "cache")
     arrays, report = load_training_volumes(cfg.data, cfg.preset, cfg.spacing, cache_dir, log=log)
 
     torch.manual_seed(cfg.seed)
@@ -79,8 +83,10 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_step = int(ckpt["step"])
+    else:
+        metrics.set_aside(log)
     if ddp.is_main:
-        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2), encoding="utf-8")
+        write_json_atomic(run_dir / "config.json", asdict(cfg))
 
     net = ddp.wrap(model)
     criterion = GVSLLoss(LossWeights(**cfg.weights))
@@ -129,9 +135,11 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
             if step % cfg.log_every == 0 or step == cfg.iters or step == start_step + 1:
                 values = {k: float(v.detach()) for k, v in terms.items()}
                 values["total"] = float(loss.detach())
+                if not scaler.is_enabled():  # under fp16 GradScaler an inf loss is a skipped step, not divergence
+                    check_finite_losses(values, step, run_dir)
                 record = {"step": step, **values, "lr": optimizer.param_groups[0]["lr"],
                           "seconds_per_step": seconds, "samples_per_s": cfg.batch * ddp.world / seconds}
-                metrics.write(record)
+                metrics.write(finite_or_none(record))
                 reporter.event("progress", step=step, total=cfg.iters, loss=values, eta_s=clock.eta(step),
                                samples_per_s=record["samples_per_s"])
             if ddp.any_flag(stop.requested):

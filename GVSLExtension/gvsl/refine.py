@@ -488,7 +488,7 @@ def refine_mapping(fixed: sitk.Image, moving: sitk.Image, start: Mapping, option
         spacing_dhw = torch.tensor(lvl.control.spacing[::-1], dtype=torch.float32, device=device)
         optimiser = torch.optim.Adam([velocity], lr=options.learning_rate)
         steps = max(5, options.iterations >> k)
-        done, loss_value = 0, float("nan")
+        done, loss_value = 0, None  # None, not NaN: metrics.json is strict JSON
         for _ in range(steps):
             if out_of_time():
                 break

@@ -14,6 +14,7 @@ The Slicer panel reads exactly this.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -181,7 +182,8 @@ class Reporter:
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step to ``metrics.jsonl``."""
+    """Appends one JSON object per logged step to ``metrics.jsonl`` (strict JSON: a NaN
+    would make the whole file unreadable to other tools)."""
 
     def __init__(self, path: Optional[Path]):
         self.path = path
@@ -189,16 +191,46 @@ class MetricsLog:
     def write(self, record: dict):
         if self.path is None:
             return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, default=float) + "\n")
+        from .safe_io import ResultWriteError, strict_json, write_failure_reason
+        line = strict_json(record, f"{self.path} (step {record.get('step')})")
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+        except OSError as exc:
+            raise ResultWriteError(f"{self.path}: cannot append ({write_failure_reason(exc, self.path.parent)})") \
+                from None
 
-    def truncate_after(self, step: int):
-        """On resume, drop lines logged after the checkpoint so the log has no repeats."""
+    def truncate_after(self, step: int, log=None):
+        """On resume, drop lines logged after the checkpoint so the log has no repeats, and
+        lines a crash cut short (they are not JSON)."""
         if self.path is None or not self.path.exists():
             return
-        kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+        from .safe_io import StagedFiles
+        kept, torn = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                torn += 1
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
+        if torn and log:
+            log(f"{self.path}: dropped {torn} incomplete line(s) that an interrupted write left")
+        with StagedFiles(self.path.parent) as stage:
+            stage.write_text(self.path.name, "".join(line + "\n" for line in kept))
+
+    def set_aside(self, log=None):
+        """A fresh run in a folder whose earlier run never saved a checkpoint: keep that
+        log as ``metrics.jsonl.previous`` instead of appending to it."""
+        if self.path is None or not self.path.exists():
+            return
+        previous = self.path.with_name(self.path.name + ".previous")
+        os.replace(self.path, previous)
+        if log:
+            log(f"{self.path}: an earlier run without a checkpoint logged here; its lines are kept in {previous.name}")
 
 
 class EtaClock:
@@ -217,15 +249,39 @@ class RunDirError(RuntimeError):
     pass
 
 
-def prepare_run_dir(out, resume: bool, is_main: bool) -> Path:
-    """The run folder; an existing run is only continued with ``--resume``, never overwritten."""
+STALE_CHECKPOINT_TEMPORARIES = ("*.pt.*.tmp",)  # what save_atomic leaves when killed mid-write
+
+
+def prepare_run_dir(out, resume: bool, is_main: bool, log=None) -> Path:
+    """The run folder; an existing run is only continued with ``--resume``, never
+    overwritten, and ``--resume`` needs a run to continue. Call it while holding the
+    folder's :class:`gvsl.safe_io.RunLock` (see :func:`run_folder_lock`): it removes the
+    temporary checkpoint files that killed writers left."""
     run_dir = Path(out)
-    if (run_dir / "checkpoints" / "last.pt").exists() and not resume:
+    last = run_dir / "checkpoints" / "last.pt"
+    if last.exists() and not resume:
         raise RunDirError(f"{run_dir}: already holds a run (checkpoints/last.pt); pass --resume to "
                           f"continue it or choose a new --out")
+    if resume and not last.exists():
+        raise RunDirError(f"{run_dir}: --resume found no run to continue (no checkpoints/last.pt); "
+                          f"drop --resume to start a new run there, or give the run's folder as --out")
     if is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        from .safe_io import ResultWriteError, remove_stale_temporaries, write_failure_reason
+        try:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ResultWriteError(f"{run_dir}: cannot create the run folder ({write_failure_reason(exc, run_dir)}); "
+                                   f"choose another --out") from None
+        remove_stale_temporaries(run_dir / "checkpoints", STALE_CHECKPOINT_TEMPORARIES, log)
+        remove_stale_temporaries(run_dir, log=log)
+        remove_stale_temporaries(run_dir / "cache", log=log)  # the default cache lives in the locked folder
     return run_dir
+
+
+def run_folder_lock(out, command: str, is_main: bool, log=None):
+    """Rank 0 owns ``out`` for the whole run (torchrun stops the other ranks if it is refused)."""
+    from .safe_io import RunLock
+    return RunLock(out, command, log=log, enabled=is_main)
 
 
 def gather_sampler_states(ddp: "Distributed", sampler) -> list:
@@ -237,24 +293,65 @@ def gather_sampler_states(ddp: "Distributed", sampler) -> list:
     return states
 
 
+# How a mismatching part of a checkpoint's network is chosen on the command line.
+ARCHITECTURE_OPTIONS = {"width": "--width", "num_classes": "--classes (number of classes)",
+                        "in_channels": "input channels"}
+
+
 def resume_state(run_dir: Path, model, optimizer, sampler, ddp: "Distributed", metrics: "MetricsLog", log):
     """Load ``last.pt`` into model, optimizer and this rank's sampler; returns the checkpoint
-    dict (its ``step`` is where training continues)."""
-    from .checkpoint import read_checkpoint
+    dict (its ``step`` is where training continues). A checkpoint of another architecture is
+    one line naming the option, not torch's list of every mismatching tensor."""
+    from .checkpoint import CheckpointError, read_checkpoint
     last = run_dir / "checkpoints" / "last.pt"
     ckpt = read_checkpoint(last)
-    model.load_state_dict(ckpt["state_dict"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    saved = ckpt.get("model") or {}
+    for key, value in model.config.items():
+        if key in saved and saved[key] != value:
+            option = ARCHITECTURE_OPTIONS.get(key, key)
+            raise RunDirError(f"{last}: the run was started with {option} {saved[key]}, this command asks for "
+                              f"{value}; resume with {option} {saved[key]}, or start a new run in another --out")
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(f"{last}: does not fit this run's network ({len(first)} problems, first: "
+                              f"{first[1].strip() if len(first) > 1 else first[0][:200]}); resume with the "
+                              f"options the run was started with") from None
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{last}: its optimizer state does not fit this run ({str(exc)[:120]}); was the "
+                              f"run started with another --mode?") from None
     states = ckpt.get("sampler_states") or []
     if ddp.rank < len(states):
         sampler.set_state(states[ddp.rank])
-    metrics.truncate_after(int(ckpt["step"]))
+    metrics.truncate_after(int(ckpt["step"]), log=log)
     log(f"resumed {last} at step {int(ckpt['step'])}")
     return ckpt
 
 
+class TrainingDivergedError(RuntimeError):
+    pass
+
+
+def check_finite_losses(values: dict, step: int, run_dir: Path):
+    """A NaN loss means the weights are already lost; stop before they overwrite ``last.pt``."""
+    bad = [k for k, v in values.items() if not math.isfinite(float(v))]
+    if bad:
+        raise TrainingDivergedError(f"step {step}: the loss is not finite ({', '.join(bad)}): training diverged; "
+                                    f"{run_dir / 'checkpoints' / 'last.pt'} keeps the last good weights (if any): "
+                                    f"resume with a lower --lr")
+
+
 def write_checkpoint(run_dir: Path, payload: dict, step: int, periodic: bool) -> Path:
+    from .checkpoint import non_finite_tensors
     ckpt_dir = run_dir / "checkpoints"
+    bad = non_finite_tensors(payload["state_dict"])
+    if bad:
+        raise TrainingDivergedError(f"step {step}: {len(bad)} weight tensors are NaN or infinite (training "
+                                    f"diverged); not saved, so {ckpt_dir / 'last.pt'} keeps the last good weights "
+                                    f"(if any): resume with a lower --lr")
     path = save_atomic(payload, ckpt_dir / "last.pt")
     if periodic:
         save_atomic(payload, ckpt_dir / f"step_{step:07d}.pt")

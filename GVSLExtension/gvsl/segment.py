@@ -34,7 +34,13 @@ class Segmenter:
             raise CheckpointError(f"{path}: not a fine-tuned segmentation checkpoint (run gvsl finetune first)")
         dev = pick_device(device)
         model = SegmentationNet(ckpt["model"]["num_classes"], width=ckpt["model"]["width"])
-        model.load_state_dict(ckpt["state_dict"])
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as exc:
+            lines = str(exc).strip().splitlines()
+            raise CheckpointError(f"{path}: its weights do not fit the network it describes "
+                                  f"({lines[1].strip() if len(lines) > 1 else lines[0][:200]}); the file is damaged") \
+                from None
         return Segmenter(model.to(dev).eval(), list(ckpt["classes"]), dict(ckpt["preprocessing"]), dev)
 
     def __call__(self, image: Union[str, sitk.Image], overlap: float = 0.5) -> sitk.Image:
@@ -60,16 +66,18 @@ def class_volumes_ml(labels: sitk.Image, classes: List[str]) -> Dict[str, float]
 
 def segment_cli(args):
     from .runtime import Reporter, error_events
+    from .safe_io import StagedFiles, check_writable_folder
     reporter = Reporter(args.progress)
     with error_events(reporter):
         reporter.event("start", step=0, total=2)
+        out = Path(args.out)
+        check_writable_folder(out.parent)  # before the work, not after it
         segmenter = Segmenter.load(args.checkpoint, args.device)
         labels = segmenter(args.image, overlap=args.overlap)
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(labels, str(out))
-        (out.parent / (out.name.split(".")[0] + "_classes.txt")).write_text(
-            "".join(f"{k + 1} {name}\n" for k, name in enumerate(segmenter.classes)), encoding="utf-8")
+        with StagedFiles(out.parent) as stage:  # the label map and its class list, complete or not at all
+            stage.write_image(out.name, labels)
+            stage.write_text(out.name.split(".")[0] + "_classes.txt",
+                             "".join(f"{k + 1} {name}\n" for k, name in enumerate(segmenter.classes)))
         volumes = class_volumes_ml(labels, segmenter.classes)
         print(f"{'label':>5}  {'class':28s} {'volume (mL)':>12}")
         for k, (name, ml) in enumerate(volumes.items(), start=1):
