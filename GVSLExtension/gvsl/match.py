@@ -270,8 +270,10 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
     say = progress or (lambda stage, fraction: None)
     seconds = {}
     t0 = time.perf_counter()
-    fixed_image = _as_image(fixed, str(fixed) if not isinstance(fixed, sitk.Image) else "fixed image")
-    moving_image = _as_image(moving, str(moving) if not isinstance(moving, sitk.Image) else "moving image")
+    names = [str(fixed) if not isinstance(fixed, sitk.Image) else "fixed image",
+             str(moving) if not isinstance(moving, sitk.Image) else "moving image"]
+    fixed_image = _as_image(fixed, names[0])
+    moving_image = _as_image(moving, names[1])
     dev = pick_device(device)
     if model is None or isinstance(model, (str, Path)):
         path = model or default_checkpoint()
@@ -282,7 +284,7 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
     max_size = trained["max_size"] if max_size is None else max_size
     fixed_norm, fixed_preset = normalized_image(fixed_image, preset)
     moving_norm, moving_preset = normalized_image(moving_image, preset)
-    fixed_grid, moving_grid = fitting_grid([fixed_image, moving_image], spacing_mm, max_size)
+    fixed_grid, moving_grid = fitting_grid([fixed_image, moving_image], spacing_mm, max_size, names=names)
     fixed_w = sitk.GetArrayFromImage(resample_to(fixed_norm, fixed_grid))
     moving_w = sitk.GetArrayFromImage(resample_to(moving_norm, moving_grid))
     seconds["load_resample"] = time.perf_counter() - t0
