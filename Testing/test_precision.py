@@ -33,7 +33,7 @@ def test_auto_precision_on_this_cpu_follows_its_bf16_units():
     auto = resolve_precision("cpu", "auto")
     assert auto.name == ("bf16" if cpu_has_native_bf16() else "fp32")
     assert auto.autocast_dtype == (torch.bfloat16 if cpu_has_native_bf16() else None)
-    assert auto.channels_last and not auto.needs_grad_scaler
+    assert auto.channels_last
     fp16 = resolve_precision("cpu", "fp16")
     assert fp16.autocast_dtype == torch.float16 and fp16.needs_grad_scaler and fp16.grad_scaler().is_enabled()
     assert resolve_precision("cpu", "fp32").autocast_dtype is None

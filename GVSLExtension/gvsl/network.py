@@ -221,9 +221,12 @@ class GVSL(nn.Module):
         return {"width": self.width, "in_channels": self.unet.inc.double_conv[0].in_channels}
 
     def predict_affine(self, global_moving, global_fixed) -> torch.Tensor:
-        x = self.f_conv(torch.cat([global_moving, global_fixed], dim=1))
-        pooled = x.mean(dim=(2, 3, 4)).float()
-        with full_precision(pooled):
+        with full_precision(global_moving):
+            # The whole affine head in fp32: it sees the coarsest grid (1/16 per axis), so this
+            # costs ~1 % of the network, and oneDNN's bf16 weight gradient for this 2^3-voxel
+            # convolution (32^3 patches) came back NaN on an AVX-512-BF16 CPU.
+            x = self.f_conv(torch.cat([global_moving, global_fixed], dim=1).float())
+            pooled = x.mean(dim=(2, 3, 4))
             # tanh keeps the official bounds, but unlike the official clamp it never stops the
             # gradient: a clamped head that overshoots its bound once stays stuck there.
             rotation = torch.tanh(self.fc_rot(pooled)) * MAX_ROTATION

@@ -136,6 +136,8 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
                 values["total"] = float(loss.detach())
                 record = {"step": step, **values, "lr": optimizer.param_groups[0]["lr"],
                           "seconds_per_step": seconds, "samples_per_s": cfg.batch * ddp.world / seconds}
+                if scaler.is_enabled():  # a falling scale means steps skipped for non-finite gradients
+                    record["grad_scale"] = scaler.get_scale()
                 metrics.write(record)
                 reporter.event("progress", step=step, total=cfg.iters, loss=values, eta_s=clock.eta(step),
                                samples_per_s=record["samples_per_s"])

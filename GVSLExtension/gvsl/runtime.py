@@ -380,8 +380,13 @@ def resolve_precision(device, requested: str = "auto", training: bool = False) -
         channels_last = name != "fp32"
     else:
         channels_last = False
+    # fp16 needs loss scaling for its range. bf16 does not, but on a CPU the scaler's other
+    # half is kept: it skips a step whose gradients are not finite. oneDNN's bf16 convolution
+    # backward now and then returned NaN weight gradients on an AVX-512-BF16 CPU (not
+    # reproducible op by op), and one such step would otherwise poison every weight.
+    scaler = name == "fp16" or (name == "bf16" and kind == "cpu")
     return Precision(name=name, device_type=kind, autocast_dtype=_AUTOCAST_DTYPES[name],
-                     channels_last=channels_last, needs_grad_scaler=name == "fp16", reason=reason)
+                     channels_last=channels_last, needs_grad_scaler=scaler, reason=reason)
 
 
 def autocast_context(device: torch.device, enabled: bool):
