@@ -38,8 +38,8 @@ from gvsl.runtime import pick_device, resolve_precision  # noqa: E402
 
 def precision_for(config: str, device):
     if config == "fp32-plain":
-        return dataclasses.replace(resolve_precision(device, "fp32", training=True), channels_last=False)
-    return resolve_precision(device, config, training=True)
+        return dataclasses.replace(resolve_precision(device, "fp32"), channels_last=False)
+    return resolve_precision(device, config)
 
 
 def timed(step, steps, warmup, device):

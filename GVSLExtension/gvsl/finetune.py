@@ -292,7 +292,7 @@ def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
     model = build_segmentation_model(cfg, num_classes, log).to(device)
     if cfg.mode == "linear":
         model.freeze_backbone()
-    precision = resolve_precision(device, cfg.precision, training=True)
+    precision = resolve_precision(device, cfg.precision)
     precision.prepare(model)
     log(f"precision {precision.label} ({precision.reason})")
     scaler = precision.grad_scaler()

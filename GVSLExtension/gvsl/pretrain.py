@@ -66,7 +66,7 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
         init = load_model(cfg.init)
         model.load_state_dict(init.state_dict())
         log(init.load_report.summary())
-    precision = resolve_precision(device, cfg.precision, training=True)
+    precision = resolve_precision(device, cfg.precision)
     precision.prepare(model)
     log(f"precision {precision.label} ({precision.reason})")
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)

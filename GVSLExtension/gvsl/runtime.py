@@ -270,15 +270,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def cpu_has_amx() -> bool:
-    """True when torch detects AMX tiles: bf16 matrix units fast enough for training too."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(probe and probe() and cpu_has_native_bf16())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def cpu_has_native_bf16() -> bool:
     """True when this CPU computes bf16 in hardware (AMX tiles or AVX-512-BF16), as torch
     itself detects it, and oneDNN can use it. Without these units bf16 is emulated and slower."""
@@ -337,14 +328,13 @@ class Precision:
         return use_channels_last(model, self.channels_last)
 
 
-def resolve_precision(device, requested: str = "auto", training: bool = False) -> Precision:
-    """The precision and memory format to run on ``device`` (``training``: for a training
-    step, forward and backward, rather than inference).
+def resolve_precision(device, requested: str = "auto") -> Precision:
+    """The precision and memory format to run on ``device``, for inference and training.
 
     ``auto``: bf16 autocast on CPUs with native bf16 units and on GPUs that support bf16,
     fp16 with gradient scaling on other CUDA GPUs, fp32 otherwise (Apple MPS included).
-    For training on a CPU, bf16 needs AMX: with AVX-512-BF16 alone the backward pass of
-    the 3D convolutions ran about 3x slower in bf16 than in fp32 (README, Benchmarks).
+    On an AVX-512-BF16 CPU without AMX, bf16 was faster than fp32 only in channels-last
+    (training step 1.7x faster; in the plain layout bf16 was ~3x slower): the two go together.
     Channels-last 3D on CPUs (oneDNN's convolutions are faster in it, in fp32 and bf16,
     at width 0.25 and 1.0: see the README's benchmarks) and with autocast on CUDA
     (tensor cores want channels last); plain layout for fp32 on GPUs and on MPS.
@@ -355,11 +345,7 @@ def resolve_precision(device, requested: str = "auto", training: bool = False) -
         raise ValueError(f"unknown precision {requested!r}; use one of {', '.join(PRECISIONS)}")
     kind = device.type
     if requested == "auto":
-        if kind == "cpu" and training:
-            name = "bf16" if cpu_has_amx() else "fp32"
-            reason = ("training on a CPU with AMX bf16 units" if name == "bf16"
-                      else "training on a CPU without AMX: bf16 backward is slower than fp32 here")
-        elif kind == "cpu":
+        if kind == "cpu":
             name = "bf16" if cpu_has_native_bf16() else "fp32"
             reason = ("this CPU has native bf16 (AMX or AVX-512-BF16)" if name == "bf16"
                       else "no native bf16 on this CPU")
