@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--window-batch", type=int, default=None,
-                   help="sliding windows per forward pass (default: about 2 x 128^3 voxels on a CPU, 8 x on a GPU)")
+                   help="sliding windows per forward pass (default: about 128^3 voxels on a CPU, 8 x on a GPU)")
     _precision(p)
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "text", "json"])
     return parser

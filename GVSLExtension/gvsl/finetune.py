@@ -207,9 +207,9 @@ def sliding_window_count(shape, roi, overlap: float) -> int:
 
 
 def default_window_batch(device, roi) -> int:
-    """Windows per forward pass: about 2 x 128^3 voxels at once on a CPU (memory, not speed,
-    is what more would cost there), 8 x 128^3 on a GPU."""
-    budget = (8 if torch.device(device).type == "cuda" else 2) * 128 ** 3
+    """Windows per forward pass: about 128^3 voxels at once on a CPU (larger batches gain
+    little there, and progress would come less often), 8 x 128^3 on a GPU."""
+    budget = (8 if torch.device(device).type == "cuda" else 1) * 128 ** 3
     return max(1, budget // int(np.prod(roi)))
 
 
