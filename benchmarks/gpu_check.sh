@@ -70,6 +70,7 @@ for seed in range(2):
 PYEOF
 run $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m gvsl pretrain --data "$WORK/data" \
     --out "$WORK/run" --patch $SMOKE_PATCH --iters 20 --width 0.25 --device $DEVICE --log-every 10 \
-    --progress json | grep -E '"event": "(start|done|error)"' | cut -c1-400
+    --progress json >"$WORK/events" || true
+grep -E '"event": "(start|done|error)"|FAILED' "$WORK/events" | cut -c1-400 || echo "no start/done event: see above"
 
 section "finished in $((SECONDS - START)) s"
