@@ -149,7 +149,9 @@ def main(argv=None):
         total = time.perf_counter() - t0
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         m = result.metrics
-        print(f"512x512x600 CT ({configs[-1]}: {precision.label}): working grid {m['working_grid']} field grid "
+        used = precision.label if "precision" in MATCH_TAKES else (
+            f"{'channels-last' if precision.channels_last else 'contiguous'} model, fp32: match_pair takes no precision")
+        print(f"512x512x600 CT ({configs[-1]}: {used}): working grid {m['working_grid']} field grid "
               f"{m['field_grid']['size']}, seconds {({k: round(v, 2) for k, v in m['seconds'].items()})}, "
               f"match + save {total:.1f} s, peak RSS {peak_rss:.1f} GiB (before {before:.1f} GiB)")
 
