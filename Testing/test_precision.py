@@ -3,7 +3,6 @@ training in bf16, and the segmentation sliding window's progress events."""
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
