@@ -15,6 +15,11 @@ def _patch(text: str) -> List[int]:
     return parts
 
 
+def _precision(p: argparse.ArgumentParser):
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on CPUs with native bf16 and on bf16 GPUs, fp16 on other GPUs, else fp32")
+
+
 def _common_run(p: argparse.ArgumentParser, iters: int, batch: int, lr: float, patch: str):
     p.add_argument("--out", required=True, help="run folder (config.json, metrics.jsonl, checkpoints/)")
     p.add_argument("--patch", type=_patch, default=_patch(patch), help="crop size D,H,W or one size")
@@ -22,7 +27,8 @@ def _common_run(p: argparse.ArgumentParser, iters: int, batch: int, lr: float, p
     p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--amp", action="store_true", help="mixed precision on GPUs")
+    p.add_argument("--amp", action="store_true", help="kept for old scripts: mixed precision is --precision auto, the default")
+    _precision(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=10)
@@ -70,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--save-state", action="store_true", help="also write state.npz (features) for heatmap queries")
     _refine_options(p)
+    _precision(p)
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "text", "json"])
 
     p = sub.add_parser("demo", help="match the bundled sample CT against a deformed copy")
@@ -104,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output label map (.nii.gz, .nrrd, ...)")
     p.add_argument("--device", default="auto")
     p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--window-batch", type=int, default=None,
+                   help="sliding windows per forward pass (default: about 128^3 voxels on a CPU, 8 x on a GPU)")
+    _precision(p)
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "text", "json"])
     return parser
 
@@ -133,7 +143,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .pretrain import PretrainConfig, run_pretrain
             cfg = PretrainConfig(data=args.data, out=args.out, patch=args.patch, iters=args.iters,
                                  batch=args.batch, lr=args.lr, width=args.width, device=args.device,
-                                 amp=args.amp, seed=args.seed, ckpt_every=args.ckpt_every,
+                                 amp=args.amp, precision=args.precision, seed=args.seed, ckpt_every=args.ckpt_every,
                                  log_every=args.log_every, preset=args.preset, spacing=args.spacing,
                                  cache_dir=args.cache_dir, resume=args.resume, init=args.init,
                                  augment=not args.no_augment)

@@ -22,9 +22,9 @@ from .data import (InputError, cache_key, find_volumes, fitting_grid, normalized
                    write_cache_atomic)
 from .metrics import dice_per_label
 from .network import GVSL, SegmentationNet
-from .runtime import (Distributed, EtaClock, MetricsLog, Reporter, StopFlag, autocast_context, check_finite_losses,
-                      error_events, gather_sampler_states, prepare_run_dir, resume_state, run_folder_lock,
-                      write_checkpoint)
+from .runtime import (Distributed, EtaClock, MetricsLog, Precision, Reporter, StopFlag, check_finite_losses,
+                      error_events, gather_sampler_states, prepare_run_dir, resolve_precision, resume_state,
+                      run_folder_lock, write_checkpoint)
 from .safe_io import finite_or_none, write_json_atomic
 
 
@@ -46,7 +46,8 @@ class FinetuneConfig:
     lr: float = 1e-4
     width: Optional[float] = None
     device: str = "auto"
-    amp: bool = False
+    amp: bool = False  # kept for old scripts; mixed precision is what precision="auto" picks
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (see runtime.resolve_precision)
     seed: int = 0
     ckpt_every: int = 500
     log_every: int = 10
@@ -221,14 +222,52 @@ def build_segmentation_model(cfg: FinetuneConfig, num_classes: int, log) -> Segm
     return model
 
 
-def predict_volume(model: SegmentationNet, image: np.ndarray, patch, device, overlap=0.5, amp=False) -> np.ndarray:
-    """Softmax probabilities (classes + 1, D, H, W) by MONAI's Gaussian-blended sliding window."""
+def window_roi(patch, shape) -> List[int]:
+    """The sliding window's size: the training patch, shrunk to small images (not below 16)."""
+    return [min(p, max(16, s)) for p, s in zip(patch, shape)]
+
+
+def sliding_window_count(shape, roi, overlap: float) -> int:
+    """How many windows MONAI's sliding window visits on ``shape`` (after its padding to ``roi``)."""
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+    padded = [max(s, r) for s, r in zip(shape, roi)]
+    return len(dense_patch_slices(padded, roi, _get_scan_interval(padded, roi, 3, [overlap] * 3)))
+
+
+def default_window_batch(device, roi) -> int:
+    """Windows per forward pass: about 128^3 voxels at once on a CPU (larger batches gain
+    little there, and progress would come less often), 8 x 128^3 on a GPU."""
+    budget = (8 if torch.device(device).type == "cuda" else 1) * 128 ** 3
+    return max(1, budget // int(np.prod(roi)))
+
+
+def predict_volume(model: SegmentationNet, image: np.ndarray, patch, device, overlap=0.5,
+                   precision: Optional[Precision] = None, window_batch: Optional[int] = None,
+                   on_windows=None) -> np.ndarray:
+    """Softmax probabilities (classes + 1, D, H, W) by MONAI's Gaussian-blended sliding window.
+
+    ``precision`` (default fp32) sets autocast; the model must already be in its memory format
+    (``precision.prepare``). ``on_windows(done, total)`` is called after each batch of windows."""
     from monai.inferers import sliding_window_inference
+    precision = precision or resolve_precision(device, "fp32")
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
-    roi = [min(p, max(16, s)) for p, s in zip(patch, image.shape)]
-    with torch.no_grad(), autocast_context(device, amp):
-        logits = sliding_window_inference(x, roi_size=roi, sw_batch_size=2, predictor=model, overlap=overlap,
-                                          mode="gaussian", padding_mode="constant", cval=0.0)
+    roi = window_roi(patch, image.shape)
+    total = sliding_window_count(image.shape, roi, overlap)
+    done = 0
+
+    def predictor(windows):
+        nonlocal done
+        logits = model(windows).float()  # MONAI blends in the predictor's dtype: keep it fp32
+        done += windows.shape[0]
+        if on_windows is not None:
+            on_windows(done, total)
+        return logits
+
+    with precision.inference():
+        logits = sliding_window_inference(x, roi_size=roi, sw_batch_size=window_batch or default_window_batch(device, roi),
+                                          predictor=predictor, overlap=overlap, mode="gaussian",
+                                          padding_mode="constant", cval=0.0)
     return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
 
 
@@ -288,6 +327,10 @@ def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
     model = build_segmentation_model(cfg, num_classes, log).to(device)
     if cfg.mode == "linear":
         model.freeze_backbone()
+    precision = resolve_precision(device, cfg.precision)
+    precision.prepare(model)
+    log(f"precision {precision.label} ({precision.reason})")
+    scaler = precision.grad_scaler()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=cfg.lr)
     sampler = CropSampler(train_cases, cfg.patch, cfg.seed * 1000 + ddp.rank, cfg.foreground_crop_fraction)
@@ -321,7 +364,7 @@ def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
         model.eval()
         dices = []
         for image, label in val_cases:
-            probs = predict_volume(model, image.astype(np.float32), cfg.patch, device, amp=cfg.amp)
+            probs = predict_volume(model, image.astype(np.float32), cfg.patch, device, precision=precision)
             d = dice_per_label(probs.argmax(0), label, range(1, num_classes + 1))
             dices.append([d[k] for k in range(1, num_classes + 1)])
         model.train()
@@ -329,7 +372,8 @@ def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
         return {name: float(v) for name, v in zip(classes, per_class)}
 
     reporter.event("start", step=start_step, total=cfg.iters, run_dir=str(run_dir), device=str(device),
-                   train_cases=len(train_cases), val_cases=len(val_cases), classes=classes, mode=cfg.mode)
+                   train_cases=len(train_cases), val_cases=len(val_cases), classes=classes, mode=cfg.mode,
+                   precision=precision.as_dict())
     clock = EtaClock(start_step, cfg.iters)
     step, stopped, last_val = start_step, False, None
     model.train()
@@ -339,12 +383,13 @@ def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
             x_np, y_np = sampler.sample(cfg.batch)
             x = torch.from_numpy(x_np).to(device)
             y = torch.from_numpy(y_np).to(device)
-            with autocast_context(device, cfg.amp):
+            with precision.autocast():
                 logits = net(x)
             loss = criterion(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             seconds = time.perf_counter() - t0
             if step % cfg.log_every == 0 or step == cfg.iters or step == start_step + 1:
@@ -388,7 +433,7 @@ def finetune_cli(args):
                          classes=[c.strip() for c in args.classes.split(",")] if args.classes else None,
                          val_fraction=args.val_fraction, val_images=args.val_images, val_labels=args.val_labels,
                          val_every=args.val_every, patch=args.patch, iters=args.iters, batch=args.batch, lr=args.lr,
-                         width=args.width, device=args.device, amp=args.amp, seed=args.seed,
+                         width=args.width, device=args.device, amp=args.amp, precision=args.precision, seed=args.seed,
                          ckpt_every=args.ckpt_every, log_every=args.log_every, preset=args.preset,
                          spacing=args.spacing, cache_dir=args.cache_dir, resume=args.resume)
     run_finetune(cfg, progress=args.progress)

@@ -258,7 +258,7 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
     weights without that record (the official ones) they default to 1 mm and 128."""
     from .checkpoint import load_model
     from .refine import SIMILARITIES, RefineOptions, refine_mapping
-    from .runtime import autocast_context, pick_device
+    from .runtime import pick_device, resolve_precision
 
     if similarity not in SIMILARITIES:
         raise ValueError(f"unknown similarity {similarity!r}; choose one of {', '.join(SIMILARITIES)}")
@@ -278,7 +278,8 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
     if model is None or isinstance(model, (str, Path)):
         path = model or default_checkpoint()
         model = load_model(path)
-    model = model.to(dev).eval()
+    chosen = resolve_precision(dev, precision)
+    model = chosen.prepare(model.to(dev).eval())
     trained = training_grid(model)
     spacing_mm = trained["spacing"] if spacing_mm is None else spacing_mm
     max_size = trained["max_size"] if max_size is None else max_size
@@ -294,7 +295,7 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
     a = torch.from_numpy(fixed_w)[None, None].to(dev)
     b = torch.from_numpy(moving_w)[None, None].to(dev)
     try:
-        with torch.no_grad(), autocast_context(dev, dev.type == "cuda"):
+        with chosen.inference():
             out = model(a, b, restore=False)
     except (RuntimeError, MemoryError) as exc:
         if "memory" in str(exc).lower():
@@ -388,7 +389,8 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
         "working_grid": {"shape_dhw": list(fixed_grid.shape), "spacing_mm": fixed_grid.spacing[0],
                          "capped": bool(fixed_grid.spacing[0] > spacing_mm + 1e-9)},
         "field_grid": field_grid.to_json(),
-        "device": str(dev), "presets": {"fixed": fixed_preset, "moving": moving_preset},
+        "device": str(dev), "precision": chosen.as_dict(),
+        "presets": {"fixed": fixed_preset, "moving": moving_preset},
         "seconds": seconds,
     }
     say("done", 1.0)
@@ -543,7 +545,7 @@ def match_cli(args):
             result = match_pair(args.fixed, args.moving, args.checkpoint, device=args.device, preset=args.preset,
                                 spacing_mm=args.spacing, max_size=args.max_size, progress=progress,
                                 refine_iters=args.refine_iters, similarity=args.similarity,
-                                time_budget_s=args.time_budget)
+                                time_budget_s=args.time_budget, precision=args.precision)
             files = result.save(args.out, points, report=not args.no_report)
             if args.save_state:
                 files["state"] = str(result.save_state(Path(args.out) / "state.npz"))

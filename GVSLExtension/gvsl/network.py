@@ -8,6 +8,7 @@ are. Axes, coordinates and field directions are those of :mod:`gvsl.conventions`
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Tuple
 
 import torch
@@ -25,6 +26,27 @@ MAX_SHEAR = math.pi / 18
 # not as a fraction of the grid, so that a model trained on patches means the same
 # translation on a larger working grid.
 MAX_TRANSLATION_VOXELS = 32.0
+
+
+@contextmanager
+def full_precision(like: torch.Tensor):
+    """Autocast off inside: the affine head, fields and sampling grids run in fp32 even when
+    the convolutions around them run in bf16 / fp16 (a bf16 grid coordinate near 100 voxels
+    is only good to half a voxel)."""
+    with torch.autocast(device_type=like.device.type, enabled=False):
+        yield
+
+
+def use_channels_last(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Channels-last 3D (NDHWC) convolution weights and activations for every backbone in
+    ``model``, or back to the plain layout; parameter names and values are unchanged, so
+    checkpoints load and save as before. Returns ``model``."""
+    fmt = torch.channels_last_3d if enabled else torch.contiguous_format
+    model.to(memory_format=fmt)  # only 5D weights change layout
+    for module in model.modules():
+        if isinstance(module, UNetBackbone):
+            module.memory_format = fmt
+    return model
 
 
 def scaled_channels(width: float) -> Tuple[int, ...]:
@@ -84,6 +106,9 @@ class UNetBackbone(nn.Module):
         super().__init__()
         c = channels
         self.channels = tuple(channels)
+        # Layout of the activations (see use_channels_last); not a parameter or buffer,
+        # so the state_dict is the official one either way.
+        self.memory_format = torch.contiguous_format
         self.inc = DoubleConv(in_channels, c[0])
         self.down1 = Down(c[0], c[1])
         self.down2 = Down(c[1], c[2])
@@ -107,7 +132,7 @@ class UNetBackbone(nn.Module):
         # F.pad takes (W_before, W_after, H_before, H_after, D_before, D_after).
         x = F.pad(x, [pad[2] // 2, pad[2] - pad[2] // 2, pad[1] // 2, pad[1] - pad[1] // 2,
                       pad[0] // 2, pad[0] - pad[0] // 2])
-        x1 = self.inc(x)
+        x1 = self.inc(x.contiguous(memory_format=self.memory_format))
         x2 = self.down1(x1)
         x3 = self.down2(x2)
         x4 = self.down3(x3)
@@ -196,15 +221,19 @@ class GVSL(nn.Module):
         return {"width": self.width, "in_channels": self.unet.inc.double_conv[0].in_channels}
 
     def predict_affine(self, global_moving, global_fixed) -> torch.Tensor:
-        x = self.f_conv(torch.cat([global_moving, global_fixed], dim=1))
-        pooled = x.mean(dim=(2, 3, 4)).float()
-        # tanh keeps the official bounds, but unlike the official clamp it never stops the
-        # gradient: a clamped head that overshoots its bound once stays stuck there.
-        rotation = torch.tanh(self.fc_rot(pooled)) * MAX_ROTATION
-        scale = torch.tanh(self.fc_scl(pooled)) * MAX_SCALE_CHANGE + 1
-        shear = torch.tanh(self.fc_shear(pooled)) * MAX_SHEAR
-        translation = torch.tanh(self.fc_trans(pooled)) * MAX_TRANSLATION_VOXELS
-        return affine_from_parameters(rotation, scale, translation, shear)
+        with full_precision(global_moving):
+            # The whole affine head in fp32: it sees the coarsest grid (1/16 per axis), so this
+            # costs ~1 % of the network, and oneDNN's bf16 weight gradient for this 2^3-voxel
+            # convolution (32^3 patches) came back NaN on an AVX-512-BF16 CPU.
+            x = self.f_conv(torch.cat([global_moving, global_fixed], dim=1).float())
+            pooled = x.mean(dim=(2, 3, 4))
+            # tanh keeps the official bounds, but unlike the official clamp it never stops the
+            # gradient: a clamped head that overshoots its bound once stays stuck there.
+            rotation = torch.tanh(self.fc_rot(pooled)) * MAX_ROTATION
+            scale = torch.tanh(self.fc_scl(pooled)) * MAX_SCALE_CHANGE + 1
+            shear = torch.tanh(self.fc_shear(pooled)) * MAX_SHEAR
+            translation = torch.tanh(self.fc_trans(pooled)) * MAX_TRANSLATION_VOXELS
+            return affine_from_parameters(rotation, scale, translation, shear)
 
     def restore(self, local_features):
         return self.res_conv(local_features)
@@ -219,11 +248,17 @@ class GVSL(nn.Module):
         local_a, local_b = local_feats[:n], local_feats[n:]
 
         affine = self.predict_affine(global_b, global_a)
-        affine_flow = affine_to_flow(affine, shape)
-        aligned_local_b = warp(local_b, affine_flow.to(local_b.dtype))
-        local_flow = self.out_flow(self.sp_conv(torch.cat([aligned_local_b, local_a], dim=1))).float()
-        flow = compose_affine_then_local(affine, local_flow)
-        warped = warp(b.float(), flow)
+        with full_precision(a):
+            affine_flow = affine_to_flow(affine, shape)
+            aligned_local_b = warp(local_b.float(), affine_flow)
+        # Features (not coordinates) may go back to the convolutions' dtype and layout.
+        aligned_local_b = aligned_local_b.to(local_a.dtype).contiguous(memory_format=self.unet.memory_format)
+        hidden = self.sp_conv(torch.cat([aligned_local_b, local_a], dim=1))
+        with full_precision(a):
+            # The last layer in fp32: it is small, and its output is the field itself.
+            local_flow = self.out_flow(hidden.float())
+            flow = compose_affine_then_local(affine, local_flow)
+            warped = warp(b.float(), flow)
         restored = self.restore(local_a) if restore else None
         return GVSLOutput(affine=affine, affine_flow=affine_flow, local_flow=local_flow, flow=flow,
                           warped=warped, restored=restored, features_a=local_a, features_b=local_b)

@@ -12,9 +12,9 @@ from .checkpoint import FORMAT, FORMAT_VERSION
 from .data import PairSampler, load_training_volumes
 from .losses import GVSLLoss, LossWeights
 from .network import GVSL
-from .runtime import (Distributed, EtaClock, MetricsLog, Reporter, StopFlag, autocast_context, check_finite_losses,
-                      error_events, gather_sampler_states, prepare_run_dir, resume_state, run_folder_lock,
-                      write_checkpoint)
+from .runtime import (Distributed, EtaClock, MetricsLog, Reporter, StopFlag, check_finite_losses,
+                      error_events, gather_sampler_states, prepare_run_dir, resolve_precision, resume_state,
+                      run_folder_lock, write_checkpoint)
 from .safe_io import finite_or_none, write_json_atomic
 
 
@@ -28,7 +28,8 @@ class PretrainConfig:
     lr: float = 1e-4
     width: float = 1.0
     device: str = "auto"
-    amp: bool = False
+    amp: bool = False  # kept for old scripts; mixed precision is what precision="auto" picks
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (see runtime.resolve_precision)
     seed: int = 0
     ckpt_every: int = 500
     log_every: int = 10
@@ -69,8 +70,11 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
         init = load_model(cfg.init)
         model.load_state_dict(init.state_dict())
         log(init.load_report.summary())
+    precision = resolve_precision(device, cfg.precision)
+    precision.prepare(model)
+    log(f"precision {precision.label} ({precision.reason})")
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    scaler = precision.grad_scaler()
     sampler = PairSampler(arrays, cfg.patch, seed=cfg.seed * 1000 + ddp.rank)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed * 1000 + ddp.rank + 1)
@@ -80,7 +84,7 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
     metrics = MetricsLog(run_dir / "metrics.jsonl" if ddp.is_main else None)
     if cfg.resume and last.exists():
         ckpt = resume_state(run_dir, model, optimizer, sampler, ddp, metrics, log)
-        if ckpt.get("scaler"):
+        if ckpt.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
         start_step = int(ckpt["step"])
     else:
@@ -92,7 +96,8 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
     criterion = GVSLLoss(LossWeights(**cfg.weights))
     clock = EtaClock(start_step, cfg.iters)
     reporter.event("start", step=start_step, total=cfg.iters, run_dir=str(run_dir), device=str(device),
-                   world_size=ddp.world, volumes=len(report.used), skipped=report.skipped)
+                   world_size=ddp.world, volumes=len(report.used), skipped=report.skipped,
+                   precision=precision.as_dict())
 
     def payload(step: int) -> dict:
         states = gather_sampler_states(ddp, sampler)
@@ -123,7 +128,7 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
                     a_input, a_target, b_input = augment_pair(a, b, generator=generator)
                 else:
                     a_input, a_target, b_input = a, a, b
-            with autocast_context(device, cfg.amp):
+            with precision.autocast():
                 output = net(a_input, b_input)
             loss, terms = criterion(output, a_target)
             optimizer.zero_grad(set_to_none=True)
@@ -139,6 +144,8 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
                     check_finite_losses(values, step, run_dir)
                 record = {"step": step, **values, "lr": optimizer.param_groups[0]["lr"],
                           "seconds_per_step": seconds, "samples_per_s": cfg.batch * ddp.world / seconds}
+                if scaler.is_enabled():  # a falling scale means steps skipped for non-finite gradients
+                    record["grad_scale"] = scaler.get_scale()
                 metrics.write(finite_or_none(record))
                 reporter.event("progress", step=step, total=cfg.iters, loss=values, eta_s=clock.eta(step),
                                samples_per_s=record["samples_per_s"])

@@ -19,7 +19,8 @@ import os
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -368,8 +369,118 @@ def error_events(reporter: Reporter):
         raise
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 in hardware (AMX tiles or AVX-512-BF16), as torch
+    itself detects it, and oneDNN can use it. Without these units bf16 is emulated and slower."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    try:
+        native = any(probe() for probe in probes if probe is not None)
+        return bool(native and torch.backends.mkldnn.is_available()
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without these probes: assume none
+        return False
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a model runs on one device: the autocast dtype (None = plain fp32), the memory
+    format of activations and convolution weights, and whether gradients need scaling.
+
+    Only the network's convolutions run in the low-precision dtype: the network keeps its
+    affine head, fields and sampling grids in fp32, losses are computed outside autocast,
+    and parameters and optimizer state stay fp32 (autocast casts copies)."""
+
+    name: str  # the resolved choice: fp32 | bf16 | fp16
+    device_type: str
+    autocast_dtype: Optional[torch.dtype]
+    channels_last: bool
+    needs_grad_scaler: bool
+    reason: str = ""
+
+    @property
+    def label(self) -> str:
+        """Short description for tables and logs, e.g. ``bf16 channels-last``."""
+        return f"{self.name} {'channels-last' if self.channels_last else 'contiguous'}"
+
+    def as_dict(self) -> dict:
+        return {"precision": self.name, "channels_last": self.channels_last,
+                "grad_scaler": self.needs_grad_scaler, "reason": self.reason}
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.autocast_dtype)
+
+    @contextmanager
+    def inference(self):
+        """No gradients, autocast as chosen."""
+        with torch.no_grad(), self.autocast():
+            yield
+
+    def grad_scaler(self) -> "torch.amp.GradScaler":
+        return torch.amp.GradScaler(self.device_type, enabled=self.needs_grad_scaler)
+
+    def prepare(self, model):
+        """Put ``model``'s convolution weights (and so its activations) in the chosen memory
+        format; returns the model. Parameter names and values are unchanged."""
+        from .network import use_channels_last
+        return use_channels_last(model, self.channels_last)
+
+
+def resolve_precision(device, requested: str = "auto") -> Precision:
+    """The precision and memory format to run on ``device``, for inference and training.
+
+    ``auto``: bf16 autocast on CPUs with native bf16 units and on GPUs that support bf16,
+    fp16 with gradient scaling on other CUDA GPUs, fp32 otherwise (Apple MPS included).
+    On an AVX-512-BF16 CPU without AMX, bf16 was faster than fp32 only in channels-last
+    (training step 1.7x faster; in the plain layout bf16 was ~3x slower): the two go together.
+    Channels-last 3D on CPUs (oneDNN's convolutions are faster in it, in fp32 and bf16,
+    at width 0.25 and 1.0: see the README's benchmarks) and with autocast on CUDA
+    (tensor cores want channels last); plain layout for fp32 on GPUs and on MPS.
+    An explicit choice the device cannot run raises ``ValueError``.
+    """
+    device = torch.device(device)
+    if requested not in PRECISIONS:
+        raise ValueError(f"unknown precision {requested!r}; use one of {', '.join(PRECISIONS)}")
+    kind = device.type
+    if requested == "auto":
+        if kind == "cpu":
+            name = "bf16" if cpu_has_native_bf16() else "fp32"
+            reason = ("this CPU has native bf16 (AMX or AVX-512-BF16)" if name == "bf16"
+                      else "no native bf16 on this CPU")
+        elif kind == "cuda":
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            reason = "GPU with bf16" if name == "bf16" else "GPU without bf16: fp16 with gradient scaling"
+        else:
+            name, reason = "fp32", f"{kind}: fp32"
+    else:
+        name, reason = requested, "asked for"
+        if name == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("--precision bf16: this GPU does not support bf16; use fp16 or auto")
+        if name == "bf16" and kind == "cpu" and not cpu_has_native_bf16():
+            reason = "asked for (this CPU emulates bf16: expect it to be slower than fp32)"
+    if kind == "cpu":
+        channels_last = True
+    elif kind == "cuda":
+        channels_last = name != "fp32"
+    else:
+        channels_last = False
+    # fp16 needs loss scaling for its range. bf16 does not, but on a CPU the scaler's other
+    # half is kept: it skips a step whose gradients are not finite. oneDNN's bf16 convolution
+    # backward now and then returned NaN weight gradients on an AVX-512-BF16 CPU (not
+    # reproducible op by op), and one such step would otherwise poison every weight.
+    scaler = name == "fp16" or (name == "bf16" and kind == "cpu")
+    return Precision(name=name, device_type=kind, autocast_dtype=_AUTOCAST_DTYPES[name],
+                     channels_last=channels_last, needs_grad_scaler=scaler, reason=reason)
+
+
 def autocast_context(device: torch.device, enabled: bool):
+    """Autocast with the device's ``auto`` precision when ``enabled`` (GPUs only, as before
+    ``--precision`` existed); new code uses :func:`resolve_precision`."""
     if not enabled or device.type == "cpu":
-        return torch.autocast(device_type="cpu", enabled=False)
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+        return nullcontext()
+    return resolve_precision(device, "auto").autocast()

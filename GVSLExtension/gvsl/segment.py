@@ -1,14 +1,18 @@
 """``gvsl segment``: apply a fine-tuned checkpoint to a volume.
 
-The image is normalised and resampled as in training, segmented by MONAI's Gaussian
-sliding-window inference, and the label map is resampled (nearest neighbour) back onto
-the input's own grid, so it opens on top of the input anywhere.
+The image is normalised and resampled as in training (to the checkpoint's spacing only,
+never cropped or coarsened: the network sees what it learned from), segmented by MONAI's
+Gaussian sliding-window inference in batches of windows, and the label map is resampled
+(nearest neighbour) back onto the input's own grid, so it opens on top of the input
+anywhere. Progress is reported per batch of windows; when the whole job will take long,
+a ``warning`` event says how many windows there are and about how long they will take.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -17,6 +21,10 @@ import torch
 from .checkpoint import CheckpointError, read_checkpoint
 from .data import fitting_grid, normalized_image, read_image, resample_to
 from .network import SegmentationNet
+from .runtime import Precision
+
+# Warn when the sliding window is expected to take longer than this.
+LONG_SEGMENTATION_S = 60.0
 
 
 @dataclass
@@ -25,10 +33,11 @@ class Segmenter:
     classes: List[str]
     preprocessing: dict
     device: torch.device
+    precision: Precision
 
     @staticmethod
-    def load(path, device="auto") -> "Segmenter":
-        from .runtime import pick_device
+    def load(path, device="auto", precision="auto") -> "Segmenter":
+        from .runtime import pick_device, resolve_precision
         ckpt = read_checkpoint(path)
         if ckpt.get("format") != "gvsl" or ckpt.get("kind") != "finetune":
             raise CheckpointError(f"{path}: not a fine-tuned segmentation checkpoint (run gvsl finetune first)")
@@ -41,10 +50,14 @@ class Segmenter:
             raise CheckpointError(f"{path}: its weights do not fit the network it describes "
                                   f"({lines[1].strip() if len(lines) > 1 else lines[0][:200]}); the file is damaged") \
                 from None
-        return Segmenter(model.to(dev).eval(), list(ckpt["classes"]), dict(ckpt["preprocessing"]), dev)
+        chosen = resolve_precision(dev, precision)
+        chosen.prepare(model)
+        return Segmenter(model.to(dev).eval(), list(ckpt["classes"]), dict(ckpt["preprocessing"]), dev, chosen)
 
-    def __call__(self, image: Union[str, sitk.Image], overlap: float = 0.5) -> sitk.Image:
-        """Label map (uint8, 0 = background) on the input image's grid."""
+    def __call__(self, image: Union[str, sitk.Image], overlap: float = 0.5, window_batch: Optional[int] = None,
+                 on_windows: Optional[Callable[[int, int], None]] = None) -> sitk.Image:
+        """Label map (uint8, 0 = background) on the input image's grid. ``on_windows(done,
+        total)`` is called after each batch of sliding windows."""
         from .finetune import predict_volume
         if not isinstance(image, sitk.Image):
             image = read_image(image)
@@ -52,7 +65,8 @@ class Segmenter:
         grid = fitting_grid([image], float(self.preprocessing.get("spacing", 1.0)), max_size=None, multiple=1)[0]
         working = sitk.GetArrayFromImage(resample_to(normalized, grid))
         probs = predict_volume(self.model, working, self.preprocessing.get("patch", [128, 128, 128]), self.device,
-                               overlap=overlap, amp=self.device.type == "cuda")
+                               overlap=overlap, precision=self.precision, window_batch=window_batch,
+                               on_windows=on_windows)
         labels = sitk.GetImageFromArray(probs.argmax(0).astype(np.uint8))
         grid.apply_to(labels)
         return sitk.Resample(labels, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
@@ -64,16 +78,44 @@ def class_volumes_ml(labels: sitk.Image, classes: List[str]) -> Dict[str, float]
     return {name: float(counts[k + 1]) * voxel_ml for k, name in enumerate(classes)}
 
 
+class WindowProgress:
+    """Turns ``on_windows(done, total)`` calls into ``progress`` events (step = windows done)
+    and, once the first batch has been timed, one ``warning`` event when the whole sliding
+    window will take longer than ``LONG_SEGMENTATION_S``."""
+
+    def __init__(self, reporter, describe: str):
+        self.reporter = reporter
+        self.describe = describe
+        self.t0 = time.perf_counter()
+        self.warned = False
+
+    def __call__(self, done: int, total: int):
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / done * (total - done)
+        if not self.warned and elapsed + eta > LONG_SEGMENTATION_S and done < total:
+            self.warned = True
+            self.reporter.event("warning", message=(
+                f"{total} sliding windows ({self.describe}); about {(elapsed + eta) / 60:.1f} minutes "
+                f"in all at {elapsed / done:.1f} s per window. A smaller --overlap, "
+                f"a GPU (--device cuda) or a checkpoint trained at a coarser spacing would be faster."),
+                windows=total, estimated_s=elapsed + eta)
+        self.reporter.event("progress", step=done, total=total, loss={}, eta_s=eta, unit="windows")
+
+
 def segment_cli(args):
     from .runtime import Reporter, error_events
     from .safe_io import StagedFiles, check_writable_folder
     reporter = Reporter(args.progress)
     with error_events(reporter):
-        reporter.event("start", step=0, total=2)
         out = Path(args.out)
         check_writable_folder(out.parent)  # before the work, not after it
-        segmenter = Segmenter.load(args.checkpoint, args.device)
-        labels = segmenter(args.image, overlap=args.overlap)
+        segmenter = Segmenter.load(args.checkpoint, args.device, getattr(args, "precision", "auto"))
+        patch = segmenter.preprocessing.get("patch", [128, 128, 128])
+        reporter.event("start", step=0, total=0, device=str(segmenter.device), precision=segmenter.precision.as_dict())
+        describe = (f"window {'x'.join(map(str, patch))} at the checkpoint's {segmenter.preprocessing.get('spacing', 1.0)} mm, "
+                    f"overlap {args.overlap}, {segmenter.device} {segmenter.precision.label}")
+        labels = segmenter(args.image, overlap=args.overlap, window_batch=getattr(args, "window_batch", None),
+                           on_windows=WindowProgress(reporter, describe))
         with StagedFiles(out.parent) as stage:  # the label map and its class list, complete or not at all
             stage.write_image(out.name, labels)
             stage.write_text(out.name.split(".")[0] + "_classes.txt",
