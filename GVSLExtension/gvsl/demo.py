@@ -17,6 +17,8 @@ import SimpleITK as sitk
 from .conventions import Grid
 from .metrics import dice_per_label
 
+HEATMAP_QUERIES = 60  # points whose heatmap best match is checked against the known transform
+
 
 def label_centroids(labels: sitk.Image) -> Dict[int, np.ndarray]:
     stats = sitk.LabelShapeStatisticsImageFilter()
@@ -72,6 +74,10 @@ def run_demo(out="gvsl-demo", checkpoint=None, device="auto", sample="ct", seed=
     err_affine = np.linalg.norm(affine_only - true_moving, axis=1)
     err_after = np.linalg.norm(predicted - true_moving, axis=1)
 
+    from .heatmap_eval import heatmap_accuracy
+    heat_points = foreground_points(fixed_labels, HEATMAP_QUERIES, seed + 1)
+    heat = heatmap_accuracy(result, heat_points, np.array([truth.TransformPoint(p.tolist()) for p in heat_points]))
+
     field = sitk.DisplacementFieldTransform(sitk.Cast(result.displacement, sitk.sitkVectorFloat64))
     identity_labels = sitk.Resample(moving_labels, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     warped_labels = sitk.Resample(moving_labels, fixed, field, sitk.sitkNearestNeighbor, 0)
@@ -88,6 +94,7 @@ def run_demo(out="gvsl-demo", checkpoint=None, device="auto", sample="ct", seed=
         "mean_dice": {"before": float(np.nanmean(list(dice_before.values()))),
                       "after": float(np.nanmean(list(dice_after.values())))},
         "local_ncc": {"before": m["local_ncc_before"], "affine": m["local_ncc_affine"], "after": m["local_ncc_after"]},
+        "heatmap": heat,
         "folding_fraction": m["folding_fraction"], "jacobian_range": [m["jacobian_min"], m["jacobian_max"]],
         "working_grid": m["working_grid"], "device": m["device"], "seconds": m["seconds"],
         "total_seconds": time.perf_counter() - t0, "files": files,
@@ -112,6 +119,9 @@ def format_summary(s: dict, names: List[str]) -> str:
         f"landmark error mm  before {le['before']['mean']:.2f}   affine {le['affine']['mean']:.2f}   "
         f"after {le['after']['mean']:.2f}   (mean of 500 points; p90 after {le['after']['p90']:.2f})",
         f"mean Dice          before {s['mean_dice']['before']:.3f}   after {s['mean_dice']['after']:.3f}",
+        f"heatmap best match median {s['heatmap']['median_mm']:.1f} mm ({s['heatmap']['median_voxels']:.1f} "
+        f"working voxels), p90 {s['heatmap']['p90_mm']:.1f} mm; {100 * s['heatmap']['peaked_fraction']:.1f} % of "
+        f"the grid within 0.05 of the best (of {s['heatmap']['points']} points)",
         f"folding {100 * s['folding_fraction']:.3f} % of voxels; Jacobian in "
         f"[{s['jacobian_range'][0]:.2f}, {s['jacobian_range'][1]:.2f}]",
         "Dice per structure (before -> after):",
