@@ -51,7 +51,9 @@ def test_identity_pair_measures_zero_error(model, volume):
     points = interior_points(result)
     summary = heatmap_accuracy(result, points, points)
     assert summary["median_mm"] == pytest.approx(0.0, abs=1e-6)
-    assert summary["p90_mm"] <= result.moving_grid.spacing[0] + 1e-6
+    # Coarse levels are normalised on the stride-2 grid (not per working voxel), which moves
+    # a few peaks by one voxel.
+    assert summary["p90_mm"] <= 1.5 * result.moving_grid.spacing[0]
     assert summary["peaked_fraction"] < 0.05  # the map is not flat
 
 
@@ -70,9 +72,11 @@ def test_known_shift_measures_the_shift(model, volume):
     assert wrong["median_mm"] == pytest.approx(np.linalg.norm(shift), abs=1e-6)
 
 
-def test_content_shift_inside_the_grid_is_found_within_a_voxel(model, volume):
-    """The anatomy itself moves by 2 working voxels along d (same geometry): the descriptors
-    differ near the border, and the best matches must still land within about a voxel."""
+def test_content_shift_inside_the_grid_is_found_within_a_voxel(volume):
+    """The anatomy itself moves by 2 working voxels along d (same geometry), with the shipped
+    model: the descriptors differ near the border, and the best matches must still land
+    within about a voxel. (A random network's coarse levels say "same grid position".)"""
+    model = None
     fixed = volume[0]
     array = sitk.GetArrayFromImage(fixed)
     moved = np.full_like(array, float(array.min()))
