@@ -24,6 +24,7 @@ mixing chests and heads would pair unrelated anatomy. Training therefore alterna
     python benchmarks/pretrain_data.py prepare --out ~/.cache/gvsl-pretrain
     flock /tmp/gvsl-heavy.lock nice -n 10 python benchmarks/pretrain_data.py train \\
         --out ~/.cache/gvsl-pretrain --cycles 5 --head-iters 120 --chest-iters 60
+    python benchmarks/pretrain_data.py select ~/.cache/gvsl-pretrain/runs/*/checkpoints/last.pt
 """
 from __future__ import annotations
 
@@ -190,6 +191,37 @@ def train(out: Path, cycles: int, head_iters: int, chest_iters: int, init: str, 
             print(f"cycle {cycle} {group}: {iters} iterations in {time.time() - t0:.0f} s -> {previous}", flush=True)
 
 
+def select(candidates: List[str], out_json: Path) -> str:
+    """Evaluate the shipped model and every candidate on the held-out validation pairs (heatmap
+    best-match error and network-only Dice, not the training loss); a candidate is eligible
+    when it beats the shipped model on both means; the eligible one with the lowest heatmap
+    error wins. Returns the winner's path ("shipped" if none is eligible)."""
+    import heatmaps
+    from gvsl.checkpoint import load_model
+    from gvsl.match import default_checkpoint
+    pairs = validation_pairs()
+    scores = {}
+    for name in ["shipped"] + list(candidates):
+        model = load_model(default_checkpoint() if name == "shipped" else name).eval()
+        records = [heatmaps.evaluate(pair, model) for pair in pairs]
+        scores[name] = {"heatmap_median_voxels": float(np.mean([r["multi"]["median_voxels"] for r in records])),
+                        "dice_network": float(np.mean([r["dice_network"] for r in records])),
+                        "dice_before": float(np.mean([r["dice_before"] for r in records])),
+                        "folding": float(np.mean([r["folding"] for r in records])),
+                        "pairs": {r["pair"]: {"heatmap_median_voxels": r["multi"]["median_voxels"],
+                                              "dice_network": r["dice_network"]} for r in records}}
+        print(f"{name}: heatmap {scores[name]['heatmap_median_voxels']:.2f} voxels, Dice "
+              f"{scores[name]['dice_before']:.3f} -> {scores[name]['dice_network']:.3f}, "
+              f"folding {100 * scores[name]['folding']:.2f} %", flush=True)
+    base = scores["shipped"]
+    eligible = [c for c in candidates if scores[c]["heatmap_median_voxels"] < base["heatmap_median_voxels"]
+                and scores[c]["dice_network"] > base["dice_network"]]
+    winner = min(eligible, key=lambda c: scores[c]["heatmap_median_voxels"]) if eligible else "shipped"
+    out_json.write_text(json.dumps({"scores": scores, "winner": winner}, indent=2), encoding="utf-8")
+    print(f"selected: {winner}")
+    return winner
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,8 +238,13 @@ if __name__ == "__main__":
                                          / "gvsl_demo_w025.pt"))
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("select")
+    p.add_argument("candidates", nargs="+")
+    p.add_argument("--json", type=Path, default=Path.home() / ".cache" / "gvsl-pretrain" / "selection.json")
     a = parser.parse_args()
-    if a.command == "prepare":
+    if a.command == "select":
+        select(a.candidates, a.json)
+    elif a.command == "prepare":
         prepare(a.out, a.variants, a.seed)
     else:
         train(a.out, a.cycles, a.head_iters, a.chest_iters, a.init, a.lr, a.seed)
