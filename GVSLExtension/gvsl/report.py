@@ -12,9 +12,10 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
 from .conventions import Grid, transform_points  # noqa: E402
+from .heatmap_eval import PEAK_MARGIN  # noqa: E402
 
 PLANES = ("axial", "coronal", "sagittal")
-HEATMAP_RANGE = 0.08  # similarity below best - this is not drawn
+HEATMAP_RANGE = PEAK_MARGIN  # drawn: within this of the best, what heatmap_eval counts as "peaked"
 
 
 def plane(volume: np.ndarray, name: str, index: Sequence[int]) -> np.ndarray:
