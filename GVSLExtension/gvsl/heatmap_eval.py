@@ -17,6 +17,8 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from .conventions import Grid, transform_points
+
 PEAK_MARGIN = 0.05
 
 
@@ -65,9 +67,7 @@ def centroid_queries(fixed_labels: sitk.Image, moving_labels: sitk.Image, split:
     ids = labels if labels is not None else sorted(set(np.unique(f_arr)) & set(np.unique(m_arr)) - {0})
     for k in ids:
         for arr, image, out in ((f_arr, fixed_labels, fixed_pts), (m_arr, moving_labels, moving_pts)):
-            from .conventions import Grid
-            voxels = np.argwhere(arr == k).astype(np.float64)
-            phys = voxels @ Grid.of(image).voxel_to_physical()[:3, :3].T + Grid.of(image).voxel_to_physical()[:3, 3]
+            phys = transform_points(Grid.of(image).voxel_to_physical(), np.argwhere(arr == k).astype(np.float64))
             lo, hi = phys.min(0), phys.max(0)
             cell = np.clip(((phys - lo) / np.maximum(hi - lo, 1e-6) * split).astype(int), 0, split - 1)
             code = (cell * np.array([split * split, split, 1])).sum(1)
