@@ -170,7 +170,8 @@ def test_heatmap_of_a_point_against_its_own_image_peaks_there(rigged_model, know
     assert heat.GetSize() == fixed.GetSize()
     assert np.allclose(heat.GetOrigin(), fixed.GetOrigin()) and np.allclose(heat.GetDirection(), fixed.GetDirection())
     assert np.allclose(heat.GetSpacing(), fixed.GetSpacing())
-    assert score == pytest.approx(1.0, abs=1e-3)
+    # ~1: coarse descriptor levels are normalised on the stride-2 grid (gvsl.descriptors).
+    assert score == pytest.approx(1.0, abs=0.02)
     assert np.linalg.norm(best - point) <= np.sqrt(3) * result.fixed_grid.spacing[0] / 2 + 1e-6
     other, best_other, _ = result.heatmap(point, source="fixed")
     assert other.GetSize() == known_pair[1].GetSize()

@@ -17,6 +17,8 @@ import SimpleITK as sitk
 from .conventions import Grid
 from .metrics import dice_per_label
 
+HEATMAP_QUERIES = 60  # points whose heatmap best match is checked against the known transform
+
 
 def label_centroids(labels: sitk.Image) -> Dict[int, np.ndarray]:
     stats = sitk.LabelShapeStatisticsImageFilter()
@@ -68,6 +70,10 @@ def run_demo(out="gvsl-demo", checkpoint=None, device="auto", sample="ct", seed=
 
     points = foreground_points(fixed_labels, 500, seed)
     true_moving = np.array([truth.TransformPoint(p.tolist()) for p in points])
+    from .heatmap_eval import heatmap_accuracy
+    heat_points = foreground_points(fixed_labels, HEATMAP_QUERIES, seed + 1)
+    heat = heatmap_accuracy(result, heat_points, np.array([truth.TransformPoint(p.tolist()) for p in heat_points]))
+
     label_ids = list(range(1, len(names) + 1))
     fixed_label_array = sitk.GetArrayFromImage(fixed_labels)
 
@@ -99,6 +105,7 @@ def run_demo(out="gvsl-demo", checkpoint=None, device="auto", sample="ct", seed=
         "local_ncc": {"before": m["local_ncc_before"], "affine": m["local_ncc_affine"],
                       "network": m["local_ncc_network"], "after": m["local_ncc_after"]},
         "refinement": m["refinement"],
+        "heatmap": heat,
         "folding_fraction": m["folding_fraction"], "jacobian_range": [m["jacobian_min"], m["jacobian_max"]],
         "working_grid": m["working_grid"], "device": m["device"], "seconds": m["seconds"],
         "total_seconds": time.perf_counter() - t0, "files": files,
@@ -128,6 +135,9 @@ def format_summary(s: dict, names: List[str]) -> str:
         f"{'landmark error mm':18s} {le['before']['mean']:8.2f} {le['network']['mean']:8.2f} "
         + (f"{le['after']['mean']:8.2f}" if refined else "") + f"   (mean of 500 points; p90 {le['after']['p90']:.2f})",
         f"{'mean Dice':18s} {dice['before']:8.3f} {dice['network']:8.3f} " + (f"{dice['after']:8.3f}" if refined else ""),
+        f"heatmap best match median {s['heatmap']['median_mm']:.1f} mm ({s['heatmap']['median_voxels']:.1f} "
+        f"working voxels), p90 {s['heatmap']['p90_mm']:.1f} mm; {100 * s['heatmap']['peaked_fraction']:.1f} % of "
+        f"the grid within 0.05 of the best (of {s['heatmap']['points']} points)",
         f"folding {100 * s['folding_fraction']:.3f} % of voxels; Jacobian in "
         f"[{s['jacobian_range'][0]:.2f}, {s['jacobian_range'][1]:.2f}]",
         f"Dice per structure (before -> network -> {after}):",

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .conventions import Grid, sample_at, transform_points, voxel_affine_to_matrix
+from .descriptors import descriptor_features, similarity
 from .data import InputError, fitting_grid, normalized_image, read_image, resample_to
 from .losses import LocalNCCLoss
 from .mapping import Mapping, local_jacobian_determinant, voxel_flow_to_lps
@@ -84,7 +85,7 @@ class MatchResult:
     warped: sitk.Image
     jacobian: sitk.Image
     metrics: dict
-    features: Dict[str, torch.Tensor]  # "fixed"/"moving": (C, D, H, W), unit-norm per voxel
+    features: Dict[str, torch.Tensor]  # "fixed"/"moving" (C, D, H, W) + coarser "fixed@16"...: gvsl.descriptors
     fixed_working: np.ndarray = None  # normalised intensities (D, H, W), for reports
     moving_working: np.ndarray = None
     warped_working: np.ndarray = None
@@ -103,30 +104,24 @@ class MatchResult:
 
     # ----------------------------------------------------------------- heatmap
     def heatmap(self, point_lps, source: str = "fixed", target: Optional[str] = None,
-                on_image_grid: bool = True) -> Tuple[sitk.Image, np.ndarray, float]:
-        """Cosine similarity between the feature at ``point_lps`` of ``source`` and every
-        voxel of ``target`` (default: the other image). Returns (heatmap image in the
-        target's physical space, best-matching LPS point, its similarity)."""
+                on_image_grid: bool = True, weights=None, window=None) -> Tuple[sitk.Image, np.ndarray, float]:
+        """Multi-scale feature similarity (:mod:`gvsl.descriptors`) between ``point_lps`` of
+        ``source`` and every voxel of ``target`` (default: the other image). Returns
+        (heatmap image in the target's physical space, best-matching LPS point, its similarity)."""
         if source not in ("fixed", "moving"):
             raise ValueError("source must be 'fixed' or 'moving'")
         target = target or ("moving" if source == "fixed" else "fixed")
         src_grid = self.fixed_grid if source == "fixed" else self.moving_grid
         tgt_grid = self.fixed_grid if target == "fixed" else self.moving_grid
-        src_feat, tgt_feat = self.features[source], self.features[target]
         p = transform_points(src_grid.physical_to_voxel(), np.asarray(point_lps, dtype=np.float64).reshape(1, 3))
-        coords = torch.from_numpy(p.T.reshape(1, 3, 1, 1, 1)).to(src_feat.dtype)
-        query = sample_at(src_feat[None].float(), coords.float(), padding_mode="border").reshape(-1)
-        query = F.normalize(query, dim=0)
-        sim = torch.einsum("c,cdhw->dhw", query.to(tgt_feat.dtype), tgt_feat).float()
-        best = int(torch.argmax(sim))
-        best_voxel = np.unravel_index(best, tuple(sim.shape))
-        best_lps = transform_points(tgt_grid.voxel_to_physical(), np.asarray(best_voxel, dtype=np.float64))
+        sim, best_voxel, score = similarity(self.features, source, target, p[0], weights, window)
+        best_lps = transform_points(tgt_grid.voxel_to_physical(), best_voxel)
         image = sitk.GetImageFromArray(sim.numpy())
         tgt_grid.apply_to(image)
         if on_image_grid:
             reference = self.fixed if target == "fixed" else self.moving
             image = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, -1.0, sitk.sitkFloat32)
-        return image, best_lps, float(sim.reshape(-1)[best])
+        return image, best_lps, score
 
     # -------------------------------------------------------------- state file
     def save_state(self, path) -> Path:
@@ -146,8 +141,7 @@ class MatchResult:
         def write(tmp):
             with open(tmp, "wb") as handle:  # a handle: np.savez would append .npz to a path
                 np.savez(handle, voxel_affine=self.voxel_affine, local_displacement=self.local_displacement.numpy(),
-                         features_fixed=self.features["fixed"].to(torch.float16).numpy(),
-                         features_moving=self.features["moving"].to(torch.float16).numpy(),
+                         **{f"features_{key}": value.to(torch.float16).numpy() for key, value in self.features.items()},
                          fixed_working=self.fixed_working, moving_working=self.moving_working,
                          warped_working=self.warped_working, moving_on_fixed_working=self.moving_on_fixed_working,
                          grids=grids, metrics=metrics, **mappings)
@@ -186,8 +180,8 @@ class MatchResult:
             mapping=final, network_mapping=network, affine_transform=affine, displacement=sitk.ReadImage(str(out / "displacement.nii.gz")),
             warped=sitk.ReadImage(str(out / "warped.nii.gz")), jacobian=sitk.ReadImage(str(out / "jacobian.nii.gz")),
             metrics=json.loads(str(state["metrics"])),
-            features={"fixed": torch.from_numpy(state["features_fixed"]).float(),
-                      "moving": torch.from_numpy(state["features_moving"]).float()},
+            features={key[len("features_"):]: torch.from_numpy(state[key]).float()
+                      for key in state.files if key.startswith("features_")},
             fixed_working=state["fixed_working"], moving_working=state["moving_working"],
             warped_working=state["warped_working"], moving_on_fixed_working=state["moving_on_fixed_working"])
 
@@ -306,8 +300,7 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
         torch.cuda.synchronize()
     seconds["network"] = time.perf_counter() - t0
 
-    features = {"fixed": F.normalize(out.features_a[0].float(), dim=0).cpu(),
-                "moving": F.normalize(out.features_b[0].float(), dim=0).cpu()}
+    features = descriptor_features(out)
     voxel_affine = out.affine[0].double().cpu().numpy()
     local = (out.flow - out.affine_flow).float().cpu()
     warped_w = out.warped[0, 0].float().cpu().numpy()

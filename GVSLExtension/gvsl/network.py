@@ -100,7 +100,9 @@ class Up(nn.Module):
 class UNetBackbone(nn.Module):
     """The official 3D U-Net. ``forward(x)`` for x (N, 1, D, H, W) returns
     ``(global_features (N, C4, D/16', H/16', W/16'), local_features (N, C8, D, H, W))``;
-    the input is padded to a multiple of 16 and the local features cropped back."""
+    the input is padded to a multiple of 16 and the local features cropped back.
+    ``forward(x, levels=True)`` also returns the coarser decoder outputs
+    ``[bottleneck /16, up1 /8, up2 /4, up3 /2]`` on the padded grid (multi-scale descriptors)."""
 
     def __init__(self, in_channels: int = 1, channels: Tuple[int, ...] = OFFICIAL_CHANNELS):
         super().__init__()
@@ -126,7 +128,7 @@ class UNetBackbone(nn.Module):
     def feature_channels(self) -> int:
         return self.channels[8]
 
-    def forward(self, x):
+    def forward(self, x, levels: bool = False):
         size = x.shape[2:]
         pad = [(16 - s % 16) % 16 for s in size]
         # F.pad takes (W_before, W_after, H_before, H_after, D_before, D_after).
@@ -137,9 +139,15 @@ class UNetBackbone(nn.Module):
         x3 = self.down2(x2)
         x4 = self.down3(x3)
         x5 = self.down4(x4)
-        y = self.up4(self.up3(self.up2(self.up1(x5, x4), x3), x2), x1)
+        u1 = self.up1(x5, x4)
+        u2 = self.up2(u1, x3)
+        u3 = self.up3(u2, x2)
+        y = self.up4(u3, x1)
         d0, h0, w0 = pad[0] // 2, pad[1] // 2, pad[2] // 2
-        return x5, y[:, :, d0:d0 + size[0], h0:h0 + size[1], w0:w0 + size[2]]
+        local = y[:, :, d0:d0 + size[0], h0:h0 + size[1], w0:w0 + size[2]]
+        if levels:
+            return x5, local, [x5, u1, u2, u3]
+        return x5, local
 
 
 def affine_from_parameters(rotation, scale, translation, shear) -> torch.Tensor:
@@ -170,7 +178,9 @@ class GVSLOutput:
 
     affine (N, 3, 4), affine_flow / local_flow / flow (N, 3, D, H, W) in voxels,
     warped (N, 1, D, H, W) = b warped onto a, restored (N, 1, D, H, W),
-    features_a / features_b (N, C, D, H, W) local decoder features.
+    features_a / features_b (N, C, D, H, W) local decoder features,
+    levels_a / levels_b: the coarser decoder levels ``[bottleneck, up1, up2, up3]`` on the
+    grid padded to a multiple of 16 (see :mod:`gvsl.descriptors`).
     """
 
     def __init__(self, **fields):
@@ -243,7 +253,7 @@ class GVSL(nn.Module):
             raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
         n, shape = a.shape[0], a.shape[2:]
         # One backbone pass over both volumes: GroupNorm is per sample, so this equals two passes.
-        global_feats, local_feats = self.unet(torch.cat([a, b], dim=0))
+        global_feats, local_feats, levels = self.unet(torch.cat([a, b], dim=0), levels=True)
         global_a, global_b = global_feats[:n], global_feats[n:]
         local_a, local_b = local_feats[:n], local_feats[n:]
 
@@ -261,7 +271,8 @@ class GVSL(nn.Module):
             warped = warp(b.float(), flow)
         restored = self.restore(local_a) if restore else None
         return GVSLOutput(affine=affine, affine_flow=affine_flow, local_flow=local_flow, flow=flow,
-                          warped=warped, restored=restored, features_a=local_a, features_b=local_b)
+                          warped=warped, restored=restored, features_a=local_a, features_b=local_b,
+                          levels_a=[level[:n] for level in levels], levels_b=[level[n:] for level in levels])
 
 
 class SegmentationNet(nn.Module):

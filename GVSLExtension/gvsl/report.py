@@ -12,8 +12,10 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
 from .conventions import Grid, transform_points  # noqa: E402
+from .heatmap_eval import PEAK_MARGIN  # noqa: E402
 
 PLANES = ("axial", "coronal", "sagittal")
+HEATMAP_RANGE = PEAK_MARGIN  # drawn: within this of the best, what heatmap_eval counts as "peaked"
 
 
 def plane(volume: np.ndarray, name: str, index: Sequence[int]) -> np.ndarray:
@@ -92,9 +94,12 @@ def match_report(result, answers: List[dict], path) -> None:
         for k, name in enumerate(PLANES):
             show(axes[r, k], plane(src_vol, name, q), f"query {answer['index']} in {source} ({name})", vmin=0, vmax=1)
             axes[r, k].plot(*plane_xy(name, q, shape), "c+", ms=12, mew=2)
-            show(axes[r, 3 + k], plane(tgt_vol, name, m), f"similarity in {target} ({name}), best {score:.2f}",
+            show(axes[r, 3 + k], plane(tgt_vol, name, m), f"{target} ({name}): similarity {score - HEATMAP_RANGE:.2f}-{score:.2f}",
                  vmin=0, vmax=1)
-            axes[r, 3 + k].imshow(plane(heat_arr, name, m), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            # Only the top of the map is drawn (within HEATMAP_RANGE of the best): where the
+            # network would put the point, not the whole body at "somewhat similar".
+            shown = np.ma.masked_less(plane(heat_arr, name, m), score - HEATMAP_RANGE)
+            axes[r, 3 + k].imshow(shown, cmap="jet", alpha=0.5, vmin=score - HEATMAP_RANGE, vmax=score)
             axes[r, 3 + k].plot(*plane_xy(name, m, shape), "w+", ms=12, mew=2)
     metrics = result.metrics
     fig.suptitle(f"GVSL Match pair — local NCC {metrics.get('local_ncc_before', float('nan')):.3f} → "
