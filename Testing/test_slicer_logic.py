@@ -125,8 +125,13 @@ def test_heatmap_node_has_other_volume_geometry_and_best_match(matched):
     heatmap, best = logic.similarityHeatmap(ras[0], fixed)
     np.testing.assert_allclose(mrml_io.ijk_to_ras(heatmap), mrml_io.ijk_to_ras(moving), atol=1e-6)
     assert heatmap.GetImageData().GetDimensions() == moving.GetImageData().GetDimensions()
-    _, engine_best_lps, _ = result.engineResult.heatmap(lps_to_ras(ras[0]), "fixed")
+    _, engine_best_lps, engine_score = result.engineResult.heatmap(lps_to_ras(ras[0]), "fixed")
     np.testing.assert_allclose(best, lps_to_ras(engine_best_lps), atol=1e-6)
+    # Shown like report.png: the colours span the 0.05 below the best match, the rest is transparent.
+    display = heatmap.GetDisplayNode()
+    assert display.GetWindow() == pytest.approx(0.05, abs=1e-6)
+    assert display.GetLevel() + display.GetWindow() / 2 == pytest.approx(engine_score, abs=1e-6)
+    assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(engine_score - 0.05, abs=1e-6)
     markup = logic.updateBestMatchMarkup(best)
     position = [0.0, 0.0, 0.0]
     markup.GetNthControlPointPosition(0, position)

@@ -281,7 +281,13 @@ class GVSLLogic:
         color_id = next((i for i in HEATMAP_COLOR_NODE_IDS if self.scene.GetNodeByID(i)), HEATMAP_COLOR_NODE_IDS[0])
         display.SetAndObserveColorNodeID(color_id)
         display.AutoWindowLevelOff()
-        display.SetWindowLevelMinMax(0.0, 1.0)
+        # The same band as report.png: colours span the PEAK_MARGIN below the best match, and
+        # lower similarities are transparent, so a broad map cannot paint the whole body hot.
+        from gvsl.heatmap_eval import PEAK_MARGIN
+        display.SetWindowLevelMinMax(score - PEAK_MARGIN, score)
+        display.SetApplyThreshold(1)
+        display.SetLowerThreshold(score - PEAK_MARGIN)
+        display.SetUpperThreshold(max(score, 1.0))
         if not heatmapNode.GetAttribute("GVSL.heatmap"):
             heatmapNode.SetAttribute("GVSL.heatmap", "heatmap")  # how the views and the opacity slider find it
         heatmapNode.SetAttribute("GVSL.targetVolumeID", target_id)
