@@ -51,6 +51,7 @@ class RefineOptions:
     smoothness: float = 3.0  # weight of the velocity's diffusion regulariser
     lncc_window: int = 7
     learning_rate: float = 0.5  # velocity, in control-grid voxels per step (Adam)
+    velocity_smoothing: int = 2  # 3^3 box passes over the velocity parameter (0 = none)
 
 
 @dataclass
@@ -386,6 +387,18 @@ def _compose(displacement: torch.Tensor, start_local: Optional[torch.Tensor]) ->
     return displacement + warp(start_local, displacement, padding_mode="border")
 
 
+def smooth_velocity(parameter: torch.Tensor, passes: int) -> torch.Tensor:
+    """The velocity seen by the integration: the optimised parameter after ``passes`` 3^3
+    box filters (about a Gaussian of sigma 0.8 * sqrt(passes) control voxels). Adam moves
+    every parameter by about its learning rate, even where the gradient is only the
+    regulariser's (air, outside the mask), which left grid-scale noise in the field and its
+    Jacobian; filtering the parameter keeps the field smooth whatever the optimiser does
+    (as ConvexAdam smooths its displacement parameter)."""
+    for _ in range(passes):
+        parameter = box_filter(parameter, 3, same_size=True)
+    return parameter
+
+
 def _diffusion(velocity: torch.Tensor, spacing_dhw: torch.Tensor) -> torch.Tensor:
     """Mean squared physical gradient of a velocity (voxels of a grid with ``spacing_dhw``
     in mm per tensor axis), in (mm / mm)^2: independent of the grid's resolution."""
@@ -483,7 +496,8 @@ def refine_mapping(fixed: sitk.Image, moving: sitk.Image, start: Mapping, option
         if velocity is None:
             velocity = torch.zeros(1, 3, *lvl.control.shape, device=device)
         else:
-            velocity = _resample_voxel_field(velocity.detach(), previous.control, lvl.control)
+            carried = smooth_velocity(velocity.detach(), options.velocity_smoothing)
+            velocity = _resample_voxel_field(carried, previous.control, lvl.control)
         velocity.requires_grad_(True)
         spacing_dhw = torch.tensor(lvl.control.spacing[::-1], dtype=torch.float32, device=device)
         optimiser = torch.optim.Adam([velocity], lr=options.learning_rate)
@@ -492,9 +506,10 @@ def refine_mapping(fixed: sitk.Image, moving: sitk.Image, start: Mapping, option
         for _ in range(steps):
             if out_of_time():
                 break
-            local = _compose(lvl.upsample(integrate_velocity(velocity)), w0)
+            smooth = smooth_velocity(velocity, options.velocity_smoothing)
+            local = _compose(lvl.upsample(integrate_velocity(smooth)), w0)
             loss_similarity = lvl.similarity(lvl.coords_for(affine_t, local))
-            loss = loss_similarity + options.smoothness * _diffusion(velocity, spacing_dhw)
+            loss = loss_similarity + options.smoothness * _diffusion(smooth, spacing_dhw)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -510,7 +525,8 @@ def refine_mapping(fixed: sitk.Image, moving: sitk.Image, start: Mapping, option
     finest = levels[-1]
     with torch.no_grad():
         w0 = _start_local_voxels(start, finest.grid, device) if use_start_local else None
-        local_voxels = _compose(finest.upsample(integrate_velocity(velocity.detach())), w0)
+        smooth = smooth_velocity(velocity.detach(), options.velocity_smoothing)
+        local_voxels = _compose(finest.upsample(integrate_velocity(smooth)), w0)
         local = voxel_flow_to_lps(local_voxels, finest.grid).float().cpu()
     report.seconds = time.perf_counter() - t_start
     return Mapping(affine=affine, local=local, grid=finest.grid), report
