@@ -249,7 +249,7 @@ def test_needle_thin_volume_is_refused_with_the_reason(volumes, tiny_checkpoint,
     with pytest.warns(InputWarning, match=r"thin.nii.gz: voxels are 0.1 x 0.1 x 50 mm \(500:1\)"):
         code, _, err = run_cli(capsys, *args)
     assert code == 1
-    assert "fixed image: covers 6.4 x 6.4 x 400.0 mm, only 2.0 voxels across" in error_line(err)
+    assert "thin.nii.gz: covers 6.4 x 6.4 x 400.0 mm, only 2.0 voxels across" in error_line(err)
     assert not (tmp_path / "m").exists()
 
 
