@@ -39,7 +39,7 @@ import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GVSLExtension"))
-from gvsl.samples import _nifti_to_sitk, chest_ct, deformed_copy, random_deformation  # noqa: E402
+from gvsl.samples import _nifti_to_sitk, chest_ct, deformed_copy, mni_t1, random_deformation  # noqa: E402
 
 MRICRON_TEMPLATES = Path("/usr/share/mricron/templates")
 ITK_EXAMPLE_DATA = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data")
@@ -124,18 +124,10 @@ def _load_chest_ct():
 
 def _load_mni152():
     try:
-        from nilearn import datasets
-    except ImportError as exc:
+        t1, labels, names = mni_t1(resolution=1)
+    except RuntimeError as exc:
         raise _missing("mni152", "nilearn") from exc
-    t1 = _nifti_to_sitk(datasets.load_mni152_template(resolution=1))
-    gm = sitk.GetArrayFromImage(_nifti_to_sitk(datasets.load_mni152_gm_template(resolution=1)))
-    wm = sitk.GetArrayFromImage(_nifti_to_sitk(datasets.load_mni152_wm_template(resolution=1)))
-    labels = np.zeros(gm.shape, np.uint8)
-    labels[(gm > 0.5) & (gm >= wm)] = 1
-    labels[(wm > 0.5) & (wm > gm)] = 2
-    label_image = sitk.GetImageFromArray(labels)
-    label_image.CopyInformation(t1)
-    return t1, label_image, {1: "grey matter", 2: "white matter"}
+    return t1, labels, {i + 1: n for i, n in enumerate(names)}
 
 
 def _load_colin27():

@@ -47,15 +47,16 @@ def segmentation_to_image(segmentation: dict) -> sitk.Image:
     return image
 
 
-def mni_t1() -> Tuple[sitk.Image, sitk.Image, List[str]]:
-    """(MNI152 T1, label map 1 = grey matter, 2 = white matter, names) from nilearn."""
+def mni_t1(resolution: int = 2) -> Tuple[sitk.Image, sitk.Image, List[str]]:
+    """(MNI152 T1, label map 1 = grey matter, 2 = white matter, names) from nilearn, at
+    ``resolution`` mm (1 or 2)."""
     try:
         from nilearn import datasets
     except ImportError as exc:
         raise RuntimeError("the sample MRI ships with nilearn: pip install nilearn") from exc
-    t1 = _nifti_to_sitk(datasets.load_mni152_template(resolution=2))
-    gm = sitk.GetArrayFromImage(_nifti_to_sitk(datasets.load_mni152_gm_template(resolution=2)))
-    wm = sitk.GetArrayFromImage(_nifti_to_sitk(datasets.load_mni152_wm_template(resolution=2)))
+    t1 = _nifti_to_sitk(datasets.load_mni152_template(resolution=resolution))
+    gm = sitk.GetArrayFromImage(_nifti_to_sitk(datasets.load_mni152_gm_template(resolution=resolution)))
+    wm = sitk.GetArrayFromImage(_nifti_to_sitk(datasets.load_mni152_wm_template(resolution=resolution)))
     labels = np.zeros(gm.shape, np.uint8)
     labels[(gm > 0.5) & (gm >= wm)] = 1
     labels[(wm > 0.5) & (wm > gm)] = 2
