@@ -25,8 +25,6 @@ Run ``python benchmarks/datasets.py`` to print what is installed here.
 from __future__ import annotations
 
 import functools
-import gzip
-import io
 import os
 import plistlib
 import sys
@@ -39,7 +37,7 @@ import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GVSLExtension"))
-from gvsl.samples import _nifti_to_sitk, chest_ct, deformed_copy, mni_t1, random_deformation  # noqa: E402
+from gvsl.samples import chest_ct, deformed_copy, mni_t1, random_deformation  # noqa: E402
 
 MRICRON_TEMPLATES = Path("/usr/share/mricron/templates")
 ITK_EXAMPLE_DATA = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data")

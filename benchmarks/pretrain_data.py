@@ -77,7 +77,6 @@ def split_held_out(image: sitk.Image, fraction: float = HELD_OUT_FRACTION) -> Tu
 
 def tissue_classes(image: sitk.Image, labels: sitk.Image, n_intensity_classes: int = 6) -> np.ndarray:
     """Class map: labels where labelled (offset past the intensity classes), Otsu intensity bins elsewhere."""
-    values = sitk.GetArrayFromImage(image).astype(np.float32)
     otsu = sitk.OtsuMultipleThresholdsImageFilter()
     otsu.SetNumberOfThresholds(n_intensity_classes - 1)
     otsu.SetNumberOfHistogramBins(128)

@@ -15,7 +15,7 @@ applied to the slab's indices (no per-voxel float64 work, no full-volume point l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch

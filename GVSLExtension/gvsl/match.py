@@ -31,9 +31,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 
-from .conventions import Grid, sample_at, transform_points, voxel_affine_to_matrix
+from .conventions import Grid, transform_points, voxel_affine_to_matrix
 from .descriptors import descriptor_features, similarity
 from .data import InputError, fitting_grid, normalized_image, read_image, resample_to
 from .losses import LocalNCCLoss
