@@ -42,6 +42,18 @@ def phantom_folder(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def pair_folder(tmp_path_factory):
+    """Two small synthetic volumes for the training tests."""
+    import SimpleITK as sitk
+    from gvsl.samples import synthetic_volume
+    folder = tmp_path_factory.mktemp("pair")
+    for seed in (0, 1):
+        image, _ = synthetic_volume(size=(32, 32, 32), seed=seed, n_blobs=6)
+        sitk.WriteImage(image, str(folder / f"v{seed}.nii.gz"))
+    return folder
+
+
 def run_gvsl(args, timeout=600, **kw):
     """``python -m gvsl ARGS`` in a child process; returns CompletedProcess."""
     import subprocess

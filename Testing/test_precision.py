@@ -88,15 +88,6 @@ def test_bf16_agrees_with_fp32_within_stated_tolerance(pair):
         assert cosine.min() > FEATURE_COSINE_MIN and cosine.mean() > FEATURE_COSINE_MEAN, (key, float(cosine.min()))
 
 
-@pytest.fixture(scope="module")
-def pair_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pair")
-    for seed in (0, 1):
-        image, _ = synthetic_volume(size=(32, 32, 32), seed=seed, n_blobs=6)
-        sitk.WriteImage(image, str(folder / f"v{seed}.nii.gz"))
-    return folder
-
-
 def test_bf16_pretraining_lowers_the_loss_and_keeps_fp32_weights_and_optimizer(pair_folder, tmp_path):
     from gvsl.pretrain import PretrainConfig, run_pretrain
     cfg = PretrainConfig(data=str(pair_folder), out=str(tmp_path / "run"), patch=[32, 32, 32], iters=30,

@@ -5,22 +5,11 @@ import subprocess
 import sys
 
 import pytest
-import SimpleITK as sitk
 
 from conftest import json_events, run_gvsl, sigterm_after_progress
 from gvsl.checkpoint import read_checkpoint
 from gvsl.pretrain import PretrainConfig, run_pretrain
 from gvsl.runtime import RunDirError
-from gvsl.samples import synthetic_volume
-
-
-@pytest.fixture(scope="module")
-def pair_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pair")
-    for seed in (0, 1):
-        image, _ = synthetic_volume(size=(32, 32, 32), seed=seed, n_blobs=6)
-        sitk.WriteImage(image, str(folder / f"v{seed}.nii.gz"))
-    return folder
 
 
 def metrics(run_dir):

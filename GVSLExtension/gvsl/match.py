@@ -348,9 +348,9 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
               "network_affine": local_ncc(on_fixed_working(Mapping(network.affine))),
               "network": local_ncc(on_fixed_working(network))}
     if final is not network:
-        stages["refined_affine"] = local_ncc(on_fixed_working(Mapping(final.affine)))
-        stages["refined"] = local_ncc(on_fixed_working(final))
         result.warped_working = on_fixed_working(final)
+        stages["refined_affine"] = local_ncc(on_fixed_working(Mapping(final.affine)))
+        stages["refined"] = local_ncc(result.warped_working)
     start_best = max(stages["before"], stages["network"])
     after = stages.get("refined", stages["network"])
     warning = None

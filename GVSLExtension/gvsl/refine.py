@@ -492,7 +492,7 @@ def refine_mapping(fixed: sitk.Image, moving: sitk.Image, start: Mapping, option
     for k in range(len(spacings)):
         t_stage = time.perf_counter()
         lvl = level(k)
-        w0 = _start_local_voxels(start, lvl.grid, device) if use_start_local else None
+        w0 = None if not use_start_local else (start_local if k == 0 else _start_local_voxels(start, lvl.grid, device))
         if velocity is None:
             velocity = torch.zeros(1, 3, *lvl.control.shape, device=device)
         else:
@@ -522,9 +522,8 @@ def refine_mapping(fixed: sitk.Image, moving: sitk.Image, start: Mapping, option
         previous = lvl
         say("refine deformable", 0.3 + 0.7 * (k + 1) / len(spacings))
 
-    finest = levels[-1]
+    finest = levels[-1]  # w0 is still the start's local field on the finest level's grid
     with torch.no_grad():
-        w0 = _start_local_voxels(start, finest.grid, device) if use_start_local else None
         smooth = smooth_velocity(velocity.detach(), options.velocity_smoothing)
         local_voxels = _compose(finest.upsample(integrate_velocity(smooth)), w0)
         local = voxel_flow_to_lps(local_voxels, finest.grid).float().cpu()
