@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="preprocessed-volume cache (default RUN/cache)")
     p.add_argument("--init", default=None, help="start from these weights (ours or official)")
     p.add_argument("--no-augment", action="store_true", help="train on raw crops (debugging)")
+    p.add_argument("--known-pairs", type=float, default=0.0, metavar="FRACTION",
+                   help="fraction of steps on known-transform pairs generated on the fly (real crops under a "
+                        "random affine + elastic transform, synthetic label maps, random contrasts), supervised "
+                        "by the known field; 0 = GVSL's two-volume pairs only (default)")
+    p.add_argument("--field-weight", type=float, default=1.0,
+                   help="weight of the known-field loss on those pairs (default 1)")
 
     p = sub.add_parser("match", help="match a pair of volumes in physical space")
     p.add_argument("fixed")
@@ -146,7 +152,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  amp=args.amp, precision=args.precision, seed=args.seed, ckpt_every=args.ckpt_every,
                                  log_every=args.log_every, preset=args.preset, spacing=args.spacing,
                                  cache_dir=args.cache_dir, resume=args.resume, init=args.init,
-                                 augment=not args.no_augment)
+                                 augment=not args.no_augment, known_pairs=args.known_pairs)
+            cfg.weights["field"] = args.field_weight
             run_pretrain(cfg, progress=args.progress)
         elif args.command == "match":
             from .match import match_cli

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import torch
 
-from .augment import augment_pair
+from .augment import augment_pair, damage_appearance
 from .checkpoint import FORMAT, FORMAT_VERSION
 from .data import PairSampler, load_training_volumes
 from .losses import GVSLLoss, LossWeights
@@ -16,6 +16,7 @@ from .runtime import (Distributed, EtaClock, MetricsLog, Reporter, StopFlag, che
                       error_events, gather_sampler_states, prepare_run_dir, resolve_precision, resume_state,
                       run_folder_lock, write_checkpoint)
 from .safe_io import finite_or_none, write_json_atomic
+from .synth import KnownPairConfig, KnownPairSource
 
 
 @dataclass
@@ -40,6 +41,10 @@ class PretrainConfig:
     weights: dict = field(default_factory=lambda: asdict(LossWeights()))
     augment: bool = True
     init: Optional[str] = None  # start from these weights (ours or official)
+    # Fraction of steps on known-transform pairs (gvsl.synth: real crops under a random affine +
+    # elastic transform, synthetic label maps, random contrasts), supervised by the known field.
+    known_pairs: float = 0.0
+    known: dict = field(default_factory=lambda: KnownPairConfig().to_json())
 
 
 def run_pretrain(cfg: PretrainConfig, progress: str = "auto") -> dict:
@@ -78,6 +83,7 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
     sampler = PairSampler(arrays, cfg.patch, seed=cfg.seed * 1000 + ddp.rank)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed * 1000 + ddp.rank + 1)
+    known_source = KnownPairSource(sampler, cfg.patch, KnownPairConfig(**cfg.known), generator, device)
 
     start_step = 0
     last = run_dir / "checkpoints" / "last.pt"
@@ -120,17 +126,26 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
         model.train()
         while step < cfg.iters:
             t0 = time.perf_counter()
-            a_np, b_np = sampler.sample(cfg.batch)
-            a = torch.from_numpy(a_np).to(device, non_blocking=True)
-            b = torch.from_numpy(b_np).to(device, non_blocking=True)
+            truth = None
             with torch.no_grad():
-                if cfg.augment:
-                    a_input, a_target, b_input = augment_pair(a, b, generator=generator)
+                # The sampler's RNG decides, so a resumed run draws the same kinds of pairs.
+                if cfg.known_pairs > 0 and sampler.rng.random() < cfg.known_pairs:
+                    truth = known_source.sample(cfg.batch)
+                    a_target, b_input = truth["a"], truth["b"]
+                    # Half the inputs undamaged: `gvsl match` sees clean volumes.
+                    damaged = cfg.augment and sampler.rng.random() < 0.5
+                    a_input = damage_appearance(a_target, generator=generator) if damaged else a_target
                 else:
-                    a_input, a_target, b_input = a, a, b
+                    a_np, b_np = sampler.sample(cfg.batch)
+                    a = torch.from_numpy(a_np).to(device, non_blocking=True)
+                    b = torch.from_numpy(b_np).to(device, non_blocking=True)
+                    if cfg.augment:
+                        a_input, a_target, b_input = augment_pair(a, b, generator=generator)
+                    else:
+                        a_input, a_target, b_input = a, a, b
             with precision.autocast():
                 output = net(a_input, b_input)
-            loss, terms = criterion(output, a_target)
+            loss, terms = criterion(output, a_target, truth)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
