@@ -139,6 +139,28 @@ def strict_json(obj, what: str, **dump_options) -> str:
 # ------------------------------------------------------------ staged writes
 
 
+# gzip level 1: ITK's NIfTI writer ignores SimpleITK's compression level and always deflates at
+# the default level, 4.5x slower than level 1 for files about 25 % smaller (measured on a
+# 256 x 256 x 300 float32 volume: 4.9 s against 1.1 s).
+NIFTI_GZIP_LEVEL = 1
+
+
+def write_nifti_gz(image, path: Path, level: int = NIFTI_GZIP_LEVEL):
+    """Write ``image`` as a gzip NIfTI at ``path`` (any name): ITK writes the plain NIfTI
+    beside it, which is then deflated at ``level`` and removed."""
+    import gzip
+    import shutil
+    import SimpleITK as sitk
+    path = Path(path)
+    plain = path.with_name(path.name + ".plain.nii")
+    try:
+        sitk.WriteImage(image, str(plain))
+        with open(plain, "rb") as source, gzip.open(path, "wb", compresslevel=level) as target:
+            shutil.copyfileobj(source, target, 1 << 22)
+    finally:
+        plain.unlink(missing_ok=True)
+
+
 def _fsync_file(path):
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
@@ -267,6 +289,8 @@ class StagedFiles:
             if not complete:
                 raise ResultWriteError(f"{self.folder / name}: the file on disk is incomplete "
                                        f"({_incomplete_reason(self.folder)})")
+        if name.lower().endswith(".nii.gz"):
+            return self._stage(name, lambda tmp: write_nifti_gz(image, tmp), verify)
         return self._stage(name, lambda tmp: sitk.WriteImage(image, str(tmp)), verify)
 
     def write_transform(self, name: str, transform) -> Path:

@@ -1,0 +1,135 @@
+"""Known-transform training pairs (gvsl.synth) and the field loss they feed."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gvsl.conventions import affine_to_flow, warp
+from gvsl.data import PairSampler
+from gvsl.losses import FieldLoss, GVSLLoss
+from gvsl.network import GVSLOutput
+from gvsl.synth import (KnownPairConfig, KnownPairSource, random_known_flow, render, smooth_noise,
+                        synthetic_label_map)
+
+PATCH = (32, 32, 32)
+
+
+def _source(**config):
+    rng = np.random.default_rng(0)
+    arrays = [rng.random((30, 36, 28)).astype(np.float32) for _ in range(2)]
+    return KnownPairSource(PairSampler(arrays, PATCH, seed=0), PATCH, KnownPairConfig(**config),
+                           torch.Generator().manual_seed(0))
+
+
+def test_fixed_volume_is_the_moving_one_under_the_known_flow():
+    source = _source(independent_contrast=0.0)
+    for _ in range(3):
+        pair = source.sample(2)
+        assert pair["a"].shape == (2, 1, *PATCH) and pair["flow"].shape == (2, 3, *PATCH)
+        assert bool(pair["same_contrast"].all())
+        assert torch.allclose(warp(pair["b"], pair["flow"]), pair["a"], atol=1e-5)
+        assert 0.0 <= float(pair["b"].min()) and float(pair["b"].max()) <= 1.0 + 1e-6
+
+
+def test_independent_contrast_is_flagged_and_differs():
+    source = _source(independent_contrast=1.0, synthetic_fraction=1.0)
+    pair = source.sample(1)
+    assert not bool(pair["same_contrast"][0])
+    assert not torch.allclose(warp(pair["b"], pair["flow"]), pair["a"], atol=1e-3)
+
+
+def test_known_flow_stays_in_its_ranges():
+    config = KnownPairConfig(elastic_voxels=0.0, shear=0.0, scale=0.0, rotation_deg=0.0, translation_voxels=3.0)
+    flow, affine_flow, affine = random_known_flow(8, PATCH, config, torch.Generator().manual_seed(1))
+    # A pure translation: the same vector everywhere, within +-3 voxels, equal to its affine part.
+    assert torch.allclose(flow, affine_flow, atol=1e-5)
+    assert float(flow.abs().max()) <= 3.0 + 1e-5
+    assert torch.allclose(flow.flatten(2).std(dim=2), torch.zeros(8, 3), atol=1e-4)
+    config = KnownPairConfig(elastic_voxels=0.0, shear=0.0, scale=0.0, translation_voxels=0.0, rotation_deg=10.0)
+    flow, _, affine = random_known_flow(8, PATCH, config, torch.Generator().manual_seed(2))
+    corner = math.sqrt(3) * (PATCH[0] - 1) / 2  # farthest voxel from the centre
+    assert float(flow.norm(dim=1).max()) <= 2 * math.sin(math.radians(10) * math.sqrt(3) / 2) * corner + 1e-3
+    assert torch.allclose(torch.linalg.det(affine[:, :, :3]), torch.ones(8), atol=1e-5)  # rotations
+
+
+def test_elastic_part_has_the_configured_size_and_no_folds():
+    config = KnownPairConfig(rotation_deg=0.0, scale=0.0, shear=0.0, translation_voxels=0.0, elastic_voxels=1.5)
+    flow, affine_flow, _ = random_known_flow(16, PATCH, config, torch.Generator().manual_seed(3))
+    assert torch.allclose(affine_flow, torch.zeros_like(affine_flow), atol=1e-5)
+    std = flow.flatten(1).std(dim=1)
+    assert float(std.max()) <= 1.5 + 1e-4 and float(std.mean()) > 0.3  # amplitude uniform in [0, 1.5]
+    jac = torch.stack(torch.gradient(flow, dim=(2, 3, 4)), dim=2)  # (N, 3, 3, D, H, W)
+    det = torch.linalg.det(jac.permute(0, 3, 4, 5, 1, 2) + torch.eye(3))
+    assert float((det <= 0).float().mean()) == 0.0
+
+
+def test_synthetic_label_maps_and_rendering():
+    config = KnownPairConfig(labels=(6, 10))
+    labels = synthetic_label_map(3, PATCH, config, torch.Generator().manual_seed(4))
+    assert labels.shape == (3, 1, *PATCH) and labels.dtype == torch.int64
+    for i in range(3):
+        present = torch.unique(labels[i]).numel()
+        assert 4 <= present <= 11  # up to 10 labels and the background
+    image = render(labels, torch.Generator().manual_seed(5))
+    assert image.shape == labels.shape and float(image.min()) >= 0 and float(image.max()) <= 1
+    # Each label gets one mean intensity: the image explains much more variance by label than not.
+    lab, img = labels[0, 0].flatten(), image[0, 0].flatten()
+    within = sum(float(img[lab == k].var(unbiased=False)) * int((lab == k).sum()) for k in torch.unique(lab)) / lab.numel()
+    assert within < 0.5 * float(img.var(unbiased=False))
+
+
+def test_smooth_noise_is_smooth():
+    field = smooth_noise(1, 1, (48, 48, 48), 12.0, torch.Generator().manual_seed(6))
+    step = field.diff(dim=2).abs().mean() / field.abs().mean()
+    assert float(step) < 0.2
+
+
+def _output(flow, affine_flow, warped, restored):
+    return GVSLOutput(flow=flow, affine_flow=affine_flow, local_flow=flow - affine_flow, warped=warped,
+                      restored=restored)
+
+
+def test_field_loss_is_zero_at_the_truth_and_grows_with_the_error():
+    source = _source(independent_contrast=0.0)
+    truth = source.sample(1)
+    exact = _output(truth["flow"], truth["affine_flow"], truth["a"], truth["a"])
+    assert float(FieldLoss()(exact, truth)) == pytest.approx(0.0, abs=1e-8)
+    off = _output(truth["flow"] + 1.0, truth["affine_flow"], truth["a"], truth["a"])
+    assert float(FieldLoss()(off, truth)) == pytest.approx(3.0, rel=1e-4)  # 1 voxel on each of 3 axes
+
+
+def test_gvsl_loss_adds_the_field_term_and_masks_ncc_across_contrasts():
+    source = _source(independent_contrast=0.0)
+    truth = source.sample(1)
+    zero = torch.zeros_like(truth["flow"])
+    output = _output(zero, zero, truth["b"], truth["a"])
+    criterion = GVSLLoss()
+    total, terms = criterion(output, truth["a"], truth)
+    assert "field" in terms and float(terms["field"]) > 0
+    assert float(total) == pytest.approx(sum(float(v) for v in terms.values()), rel=1e-5)
+    _, plain = criterion(output, truth["a"])
+    assert "field" not in plain
+    truth["same_contrast"] = torch.tensor([False])
+    _, masked = criterion(output, truth["a"], truth)
+    assert float(masked["ncc"]) == pytest.approx(1.0)  # no sample where NCC means anything: no signal
+
+
+def test_pretrain_on_known_pairs_logs_and_resumes(tmp_path):
+    from gvsl.pretrain import PretrainConfig, run_pretrain
+    import SimpleITK as sitk
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    for k in range(2):
+        image = sitk.GetImageFromArray((rng.random((24, 24, 24)) * 1000).astype(np.float32))
+        image.SetSpacing((2.0, 2.0, 2.0))
+        sitk.WriteImage(image, str(data / f"v{k}.nii.gz"))
+    cfg = PretrainConfig(data=str(data), out=str(tmp_path / "run"), patch=[16, 16, 16], iters=4, width=0.25,
+                         spacing=2.0, log_every=1, ckpt_every=2, device="cpu", precision="fp32", known_pairs=1.0)
+    summary = run_pretrain(cfg, progress="json")
+    assert summary["step"] == 4 and "field" in summary["final_loss"]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and all('"field"' in line for line in lines)
+    cfg.iters, cfg.resume = 6, True
+    assert run_pretrain(cfg, progress="json")["step"] == 6
