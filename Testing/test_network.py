@@ -180,3 +180,41 @@ def test_export_drops_optimizer_state_and_still_loads(tmp_path):
     assert "optimizer" not in read_checkpoint(slim)
     assert slim.stat().st_size < 0.6 * full.stat().st_size
     assert gvsl.load_model(slim).load_report.random_init == []
+
+
+def test_correlation_flow_finds_a_known_shift_and_fit_affine_recovers_an_affine():
+    from gvsl.conventions import affine_to_flow
+    from gvsl.network import affine_from_parameters, correlation_flow, fit_affine
+    torch.manual_seed(0)
+    features_b = torch.randn(1, 16, 12, 12, 12)
+    # a(p) = b(p + (1, -2, 0)): every cell of a matches the cell of b at that offset.
+    features_a = torch.roll(features_b, shifts=(-1, 2, 0), dims=(2, 3, 4))
+    flow, confidence = correlation_flow(features_a, features_b, radius=3, temperature=torch.tensor(0.01))
+    inner = flow[:, :, 3:-3, 3:-3, 3:-3]
+    assert torch.allclose(inner, torch.tensor([1.0, -2.0, 0.0]).view(1, 3, 1, 1, 1).expand_as(inner), atol=1e-3)
+    assert float(confidence[:, :, 3:-3, 3:-3, 3:-3].min()) > 0.99
+    affine = affine_from_parameters(torch.tensor([[0.1, -0.05, 0.08]]), torch.tensor([[1.05, 0.95, 1.0]]),
+                                    torch.tensor([[2.0, -3.0, 1.0]]), torch.zeros(1, 6))
+    dense = affine_to_flow(affine, (10, 12, 14))
+    assert torch.allclose(fit_affine(dense, torch.ones(1, 1, 10, 12, 14)), affine, atol=1e-4)
+
+
+def test_correlation_matching_keeps_the_output_contract_and_round_trips(tmp_path):
+    from gvsl.checkpoint import load_model
+    from gvsl.conventions import compose_affine_then_local
+    from gvsl.network import GVSL
+    model = GVSL(width=0.25, matching="correlation").eval()
+    a, b = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        out = model(a, b)
+    assert torch.allclose(out.flow, compose_affine_then_local(out.affine, out.local_flow), atol=1e-4)
+    path = tmp_path / "m.pt"
+    from gvsl.checkpoint import FORMAT, FORMAT_VERSION
+    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "pretrain", "model": model.config,
+                "state_dict": model.state_dict()}, path)
+    loaded = load_model(path)
+    assert loaded.matching == "correlation"
+    with torch.no_grad():
+        assert torch.allclose(loaded(a, b).flow, out.flow, atol=1e-5)
+    with pytest.raises(ValueError, match="matching"):
+        GVSL(width=0.25, matching="nearest")

@@ -237,7 +237,7 @@ def load_model(path, device="cpu"):
         if ckpt.get("kind") == "finetune":
             state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
             state = {"unet." + k: v for k, v in state.items()}
-        model = GVSL(**{k: v for k, v in ckpt["model"].items() if k in ("width", "in_channels")})
+        model = GVSL(**{k: v for k, v in ckpt["model"].items() if k in ("width", "in_channels", "matching")})
         report = load_state_into(model, state, path, "gvsl")
     else:
         state = normalize_official_keys(ckpt["state_dict"])

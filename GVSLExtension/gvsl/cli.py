@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of steps on known-transform pairs generated on the fly (real crops under a "
                         "random affine + elastic transform, synthetic label maps, random contrasts), supervised "
                         "by the known field; 0 = GVSL's two-volume pairs only (default)")
+    p.add_argument("--matching", default="official", choices=["official", "correlation"],
+                   help="Z-matching head: official (affine regressed from the bottleneck) or correlation "
+                        "(soft-argmax of stride-4 feature similarity, affine fitted to it; see gvsl.network)")
     p.add_argument("--field-weight", type=float, default=1.0,
                    help="weight of the known-field loss on those pairs (default 1)")
 
@@ -152,7 +155,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  amp=args.amp, precision=args.precision, seed=args.seed, ckpt_every=args.ckpt_every,
                                  log_every=args.log_every, preset=args.preset, spacing=args.spacing,
                                  cache_dir=args.cache_dir, resume=args.resume, init=args.init,
-                                 augment=not args.no_augment, known_pairs=args.known_pairs)
+                                 augment=not args.no_augment, known_pairs=args.known_pairs,
+                                 matching=args.matching)
             cfg.weights["field"] = args.field_weight
             run_pretrain(cfg, progress=args.progress)
         elif args.command == "match":

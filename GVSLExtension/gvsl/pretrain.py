@@ -45,6 +45,7 @@ class PretrainConfig:
     # elastic transform, synthetic label maps, random contrasts), supervised by the known field.
     known_pairs: float = 0.0
     known: dict = field(default_factory=lambda: KnownPairConfig().to_json())
+    matching: str = "official"  # Z-matching head: official | correlation (see network.GVSL)
 
 
 def run_pretrain(cfg: PretrainConfig, progress: str = "auto") -> dict:
@@ -69,11 +70,14 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
     arrays, report = load_training_volumes(cfg.data, cfg.preset, cfg.spacing, cache_dir, log=log)
 
     torch.manual_seed(cfg.seed)
-    model = GVSL(width=cfg.width).to(device)
+    model = GVSL(width=cfg.width, matching=cfg.matching).to(device)
     if cfg.init:
         from .checkpoint import load_model
         init = load_model(cfg.init)
-        model.load_state_dict(init.state_dict())
+        # Weights of another matching mode load too: only that mode's own parameters differ.
+        missing, unexpected = model.load_state_dict(init.state_dict(), strict=False)
+        if any(not k.startswith("match_") for k in missing + unexpected):
+            model.load_state_dict(init.state_dict())  # the real error, with its message
         log(init.load_report.summary())
     precision = resolve_precision(device, cfg.precision)
     precision.prepare(model)
