@@ -335,3 +335,40 @@ def test_mind_descriptor_is_modality_independent():
     assert da.shape == (1, 12, 24, 24, 24)
     other = mind_ssc(torch.rand(1, 1, 24, 24, 24))
     assert (da - db).abs().mean() < 0.5 * (da - other).abs().mean()
+
+
+def test_plateau_waits_for_the_warm_up_then_stops_on_a_flat_loss():
+    from gvsl.refine import Plateau
+    rising_then_flat = [1.0, 1.2, 1.3, 1.1, 0.9, 0.8] + [0.8] * 20
+    plateau = Plateau(tolerance=1e-3, patience=4, min_steps=6)
+    stops = [plateau.converged(v) for v in rising_then_flat]
+    assert not any(stops[:6])  # never inside the warm-up, although the loss rose there
+    assert stops.index(True) == 9  # four flat steps after the last improvement at index 5
+    improving = Plateau(tolerance=1e-3, patience=4)
+    assert not any(improving.converged(1.0 - 0.01 * k) for k in range(50))
+    off = Plateau(tolerance=0.0, patience=4)
+    assert not any(off.converged(1.0) for _ in range(50))
+
+
+def test_learning_rate_ramps_up_over_the_warm_up():
+    from gvsl.refine import warmed_up
+    parameter = torch.zeros(1, requires_grad=True)
+    optimiser = torch.optim.Adam([parameter], lr=0.5)
+    schedule = warmed_up(optimiser, 4)
+    seen = []
+    for _ in range(6):
+        seen.append(optimiser.param_groups[0]["lr"])
+        optimiser.step()
+        schedule.step()
+    assert seen == pytest.approx([0.125, 0.25, 0.375, 0.5, 0.5, 0.5])
+
+
+def test_tolerance_ends_stages_early_at_about_the_same_loss(known_pair, rigged_model):
+    fixed, moving = known_pair[0], known_pair[1]
+    every_step = match_pair(fixed, moving, rigged_model, device="cpu", refine_tolerance=0.0)
+    early = match_pair(fixed, moving, rigged_model, device="cpu", refine_tolerance=1e-3)
+    steps = [r["refinement"]["iterations"] for r in (every_step.metrics, early.metrics)]
+    assert steps[1] < steps[0]
+    final = [[lv["loss"] for lv in r.metrics["refinement"]["levels"] if lv["stage"] == "deformable"][-1]
+             for r in (every_step, early)]
+    assert final[1] < final[0] + 0.02

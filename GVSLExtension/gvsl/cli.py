@@ -47,6 +47,9 @@ def _refine_options(p: argparse.ArgumentParser):
                    help="refinement similarity: lncc (local NCC, same modality) or mind (MIND-SSC, CT<->MR)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop the refinement after this many seconds and keep what it reached")
+    p.add_argument("--refine-tolerance", type=float, default=None, metavar="LOSS",
+                   help="end a refinement stage once its loss improved by less than this over "
+                        f"{RefineOptions.patience} steps; 0 = every step (default {RefineOptions.tolerance})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,7 +169,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .demo import run_demo
             run_demo(out=args.out, checkpoint=args.checkpoint, device=args.device, sample=args.sample,
                      seed=args.seed, refine_iters=args.refine_iters, similarity=args.similarity,
-                     time_budget_s=args.time_budget)
+                     time_budget_s=args.time_budget, refine_tolerance=args.refine_tolerance)
         elif args.command == "finetune":
             from .finetune import finetune_cli
             finetune_cli(args)

@@ -240,7 +240,8 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
                spacing_mm: Optional[float] = None, max_size: Optional[int] = None,
                max_field_voxels: int = DEFAULT_MAX_FIELD_VOXELS, progress=None,
                refine_iters: Optional[int] = None, similarity: str = "lncc",
-               time_budget_s: Optional[float] = None, precision: str = "auto") -> MatchResult:
+               time_budget_s: Optional[float] = None, precision: str = "auto",
+               refine_tolerance: Optional[float] = None) -> MatchResult:
     """Match ``moving`` onto ``fixed`` (SimpleITK images or file paths) with a GVSL model
     (a module, a checkpoint path, or None for the shipped demo model), then refine the
     network's answer on the pair itself (:mod:`gvsl.refine`; ``refine_iters=0`` keeps the
@@ -260,6 +261,10 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
         if refine_iters < 0:
             raise ValueError(f"refine_iters must be 0 (network only) or more, got {refine_iters}")
         options.iterations = int(refine_iters)
+    if refine_tolerance is not None:
+        if not refine_tolerance >= 0:
+            raise ValueError(f"refine_tolerance must be 0 (run every step) or more, got {refine_tolerance}")
+        options.tolerance = float(refine_tolerance)
     say = progress or (lambda stage, fraction: None)
     seconds = {}
     t0 = time.perf_counter()
@@ -537,7 +542,8 @@ def match_cli(args):
             result = match_pair(args.fixed, args.moving, args.checkpoint, device=args.device, preset=args.preset,
                                 spacing_mm=args.spacing, max_size=args.max_size, progress=progress,
                                 refine_iters=args.refine_iters, similarity=args.similarity,
-                                time_budget_s=args.time_budget, precision=args.precision)
+                                time_budget_s=args.time_budget, precision=args.precision,
+                                refine_tolerance=args.refine_tolerance)
             files = result.save(args.out, points, report=not args.no_report)
             if args.save_state:
                 files["state"] = str(result.save_state(Path(args.out) / "state.npz"))

@@ -52,6 +52,15 @@ class RefineOptions:
     lncc_window: int = 7
     learning_rate: float = 0.5  # velocity, in control-grid voxels per step (Adam)
     velocity_smoothing: int = 2  # 3^3 box passes over the velocity parameter (0 = none)
+    # A stage stops early once its loss has improved by less than ``tolerance`` over the
+    # last ``patience`` steps (0 = always run every step): most pairs converge well before
+    # the step count, and the finest level's steps are the expensive ones.
+    tolerance: float = 3e-4
+    patience: int = 8
+    # Adam's first steps move every parameter by about its full learning rate whatever the
+    # gradient's size, which undid much of the carried field at the start of every level
+    # (the loss rose for ~20 steps); the rate ramps up linearly over these steps instead.
+    warmup: int = 10
 
 
 @dataclass
@@ -68,6 +77,24 @@ class RefineReport:
         return {"start": self.start, "start_losses": self.start_losses, "local_start": self.local_start,
                 "levels": self.levels, "iterations": self.iterations,
                 "stopped_by_time_budget": self.stopped_by_time_budget, "seconds": self.seconds}
+
+
+class Plateau:
+    """Convergence test of one optimisation stage: ``converged(loss)`` is True once the best
+    loss has improved by less than ``tolerance`` over the last ``patience`` calls, and never
+    within the first ``min_steps`` (the warm-up, when the loss may rise before it falls)."""
+
+    def __init__(self, tolerance: float, patience: int, min_steps: int = 0):
+        self.tolerance, self.patience = float(tolerance), max(1, int(patience))
+        self.min_steps = max(int(min_steps), self.patience)
+        self.history: List[float] = []
+
+    def converged(self, loss: float) -> bool:
+        best = min(self.history[-1], loss) if self.history else loss
+        self.history.append(best)
+        if self.tolerance <= 0 or len(self.history) <= self.min_steps:
+            return False
+        return self.history[-1 - self.patience] - best < self.tolerance
 
 
 # ------------------------------------------------------------------------- levels
@@ -316,8 +343,13 @@ class _Level:
         return up * self.control_to_level
 
 
-def optimise_affine(level: _Level, affine: np.ndarray, steps: int, deadline: Callable[[], bool]
-                    ) -> Tuple[np.ndarray, float, int]:
+def warmed_up(optimiser: torch.optim.Optimizer, warmup: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """A linear ramp of every learning rate of ``optimiser`` over ``warmup`` steps."""
+    return torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: min(1.0, (step + 1) / max(1, warmup)))
+
+
+def optimise_affine(level: _Level, affine: np.ndarray, steps: int, deadline: Callable[[], bool],
+                    plateau: Optional[Plateau] = None, warmup: int = 0) -> Tuple[np.ndarray, float, int]:
     """Adam on 12 affine parameters around the fixed level's centre; returns the best
     (4x4, loss) seen and the number of steps taken."""
     base = torch.from_numpy(affine)
@@ -326,6 +358,7 @@ def optimise_affine(level: _Level, affine: np.ndarray, steps: int, deadline: Cal
     translation = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     optimiser = torch.optim.Adam([{"params": [linear_delta], "lr": 0.01},
                                  {"params": [translation], "lr": 0.5 * float(min(level.grid.spacing))}])
+    schedule = warmed_up(optimiser, warmup)
     best = (float("inf"), affine)
     done = 0
     while True:
@@ -334,11 +367,12 @@ def optimise_affine(level: _Level, affine: np.ndarray, steps: int, deadline: Cal
         value = float(loss.detach())
         if value < best[0]:
             best = (value, matrix.detach().numpy().copy())
-        if done == steps or deadline():
+        if done == steps or deadline() or (plateau is not None and plateau.converged(value)):
             break
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
+        schedule.step()
         done += 1
     return best[1], best[0], done
 
@@ -469,7 +503,9 @@ def refine_mapping(fixed: sitk.Image, moving: sitk.Image, start: Mapping, option
     for k in range(max(1, len(spacings) - 1)):
         steps = max(5, options.iterations >> k)
         t_stage = time.perf_counter()
-        affine, loss, done = optimise_affine(level(k), affine, steps, out_of_time)
+        affine, loss, done = optimise_affine(level(k), affine, steps, out_of_time,
+                                             Plateau(options.tolerance, options.patience, options.warmup + options.patience),
+                                             options.warmup)
         report.iterations += done
         report.levels.append({"stage": "affine", "spacing_mm": list(level(k).grid.spacing),
                               "shape_dhw": list(level(k).grid.shape), "steps": done, "loss": loss,
@@ -501,8 +537,10 @@ def refine_mapping(fixed: sitk.Image, moving: sitk.Image, start: Mapping, option
         velocity.requires_grad_(True)
         spacing_dhw = torch.tensor(lvl.control.spacing[::-1], dtype=torch.float32, device=device)
         optimiser = torch.optim.Adam([velocity], lr=options.learning_rate)
+        schedule = warmed_up(optimiser, options.warmup)
         steps = max(5, options.iterations >> k)
         done, loss_value = 0, None  # None, not NaN: metrics.json is strict JSON
+        plateau = Plateau(options.tolerance, options.patience, options.warmup + options.patience)
         for _ in range(steps):
             if out_of_time():
                 break
@@ -513,8 +551,11 @@ def refine_mapping(fixed: sitk.Image, moving: sitk.Image, start: Mapping, option
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
+            schedule.step()
             done += 1
             loss_value = float(loss_similarity.detach())
+            if plateau.converged(float(loss.detach())):
+                break
         report.iterations += done
         report.levels.append({"stage": "deformable", "spacing_mm": list(lvl.grid.spacing),
                               "shape_dhw": list(lvl.grid.shape), "control_shape_dhw": list(lvl.control.shape),
