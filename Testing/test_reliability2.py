@@ -73,3 +73,67 @@ def test_bad_option_values_are_refused_by_the_parser(tmp_path, capsys, command, 
     err = capsys.readouterr().err
     assert f"argument {option}: {message}, got '{value}'" in err, err
     assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------- 1: disk full at start
+
+
+class _FullDisk:
+    """``os`` for gvsl.safe_io on a disk with no free block: files can be created (an inode is
+    free), their bytes cannot be written."""
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    @staticmethod
+    def write(fd, data):
+        raise OSError(28, "No space left on device")
+
+    @staticmethod
+    def fsync(fd):
+        raise OSError(28, "No space left on device")
+
+
+def _full_disk_open(path, mode="r", *args, **kwargs):
+    handle = open(path, mode, *args, **kwargs)
+    if "w" in mode:
+        def refuse(data):
+            raise OSError(28, "No space left on device")
+        handle.write = refuse
+    return handle
+
+
+def test_a_disk_full_at_start_names_the_folder_and_leaves_nothing(volumes, tiny_checkpoint, tmp_path, capsys,
+                                                                  monkeypatch):
+    import gvsl.safe_io as safe_io
+    monkeypatch.setattr(safe_io, "os", _FullDisk())
+    monkeypatch.setattr(safe_io, "open", _full_disk_open, raising=False)
+    out = tmp_path / "used"
+    out.mkdir()
+    code, _, err = run_cli(capsys, *match_args(volumes, out, tiny_checkpoint))
+    assert code == 1
+    line = error_line(err)
+    assert f"{out}: cannot write there (the disk is full" in line and "[Errno" not in line, line
+    assert list(out.iterdir()) == []  # no empty gvsl.lock
+    code, _, err = run_cli(capsys, *match_args(volumes, tmp_path / "new", tiny_checkpoint))
+    assert code == 1 and "the disk is full" in error_line(err)
+    assert not (tmp_path / "new").exists()
+    for _attempt in range(2):  # segment's probe file is removed on every attempt
+        code, _, err = run_cli(capsys, "segment", volumes / "v0.nii.gz", "--checkpoint", tiny_checkpoint,
+                               "--out", out / "seg.nii.gz", "--device", "cpu")
+        assert code == 1 and f"{out}: cannot write there (the disk is full" in error_line(err)
+    assert list(out.iterdir()) == []
+
+
+# ------------------------------------------- 7: segment --out without extension
+
+
+@pytest.mark.parametrize("name", ["seg", "seg.txt", ".nii.gz"])
+def test_segment_out_without_an_image_extension_is_refused_first(volumes, tmp_path, capsys, name):
+    # A checkpoint that does not exist: had the work started, that would be the error.
+    code, _, err = run_cli(capsys, "segment", volumes / "v0.nii.gz", "--checkpoint", tmp_path / "missing.pt",
+                           "--out", tmp_path / name, "--device", "cpu")
+    assert code == 1
+    line = error_line(err)
+    assert f"--out {tmp_path / name}: not an image file name; end it with one of .nii.gz" in line, line
+    assert "missing.pt" not in err and list(tmp_path.iterdir()) == []

@@ -85,15 +85,21 @@ def write_failure_reason(exc: BaseException, folder) -> str:
 def check_writable_folder(folder, option: str = "--out") -> Path:
     """Create ``folder`` if needed and prove a file can be written there, before any work."""
     folder = Path(folder)
+    probe = folder / f"{TEMP_PREFIX}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f"{TEMP_PREFIX}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         with open(probe, "wb") as handle:
             handle.write(b"gvsl")
+            handle.flush()
+            os.fsync(handle.fileno())
         probe.unlink()
     except FileExistsError:
         raise ResultWriteError(f"{folder}: exists and is not a folder; choose another {option}") from None
     except OSError as exc:
+        try:  # a full disk creates the (empty) probe and then refuses its bytes: leave nothing behind
+            probe.unlink()
+        except OSError:
+            pass
         raise ResultWriteError(f"{folder}: cannot write there ({write_failure_reason(exc, folder)}); "
                                f"choose another {option}") from None
     return folder
@@ -432,10 +438,15 @@ class RunLock:
             self.log(f"took over {self.path}: its owner {_describe_owner(previous)} is no longer running")
         record = {"command": self.command, "pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())}
-        os.lseek(self._fd, 0, os.SEEK_SET)
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, (json.dumps(record) + "\n").encode("utf-8"))
-        os.fsync(self._fd)
+        try:
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            os.ftruncate(self._fd, 0)
+            os.write(self._fd, (json.dumps(record) + "\n").encode("utf-8"))
+            os.fsync(self._fd)
+        except OSError as exc:  # e.g. a disk already full: the lock file exists, its owner text does not
+            self.release()
+            raise ResultWriteError(f"{self.folder}: cannot write there ({write_failure_reason(exc, self.folder)}); "
+                                   f"choose another --out") from None
         return self
 
     def release(self):
