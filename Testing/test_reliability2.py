@@ -137,3 +137,54 @@ def test_segment_out_without_an_image_extension_is_refused_first(volumes, tmp_pa
     line = error_line(err)
     assert f"--out {tmp_path / name}: not an image file name; end it with one of .nii.gz" in line, line
     assert "missing.pt" not in err and list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------- 5: a second Ctrl-C while saving
+
+
+@pytest.fixture(scope="module")
+def data_folder(volumes):
+    data = volumes / "data"
+    if not data.exists():
+        data.mkdir()
+        for seed in (0, 1):
+            shutil.copy(volumes / f"v{seed}.nii.gz", data)
+    return data
+
+
+def pretrain_args(data, out, iters, *extra):
+    return ["pretrain", "--data", data, "--out", out, "--patch", "16", "--iters", iters, "--width", "0.25",
+            "--device", "cpu", "--spacing", "1.5", "--log-every", "1", "--ckpt-every", "1000", *extra]
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_is_an_interruption(data_folder, tmp_path, capsys, monkeypatch):
+    real_save = torch.save
+
+    class Interrupted:
+        """A file whose third write is where the user's second Ctrl-C lands."""
+        def __init__(self, handle):
+            self.handle, self.writes = handle, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 3:
+                raise KeyboardInterrupt
+            return self.handle.write(data)
+
+        def flush(self):
+            self.handle.flush()
+
+    monkeypatch.setattr(torch, "save", lambda obj, handle: real_save(obj, Interrupted(handle)))
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, *pretrain_args(data_folder, out, 2))
+    assert code == 130
+    assert err.strip().splitlines()[-1] == "interrupted" and "disk is full" not in err, err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == []  # no temporary left
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_a_short_write_with_free_space_is_not_called_a_full_disk(tmp_path):
+    from gvsl.safe_io import write_failure_reason
+    reason = write_failure_reason(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 46 vs 0"),
+                                  tmp_path)
+    assert reason.startswith("the write stopped early;") and "disk is full" not in reason

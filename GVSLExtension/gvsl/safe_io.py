@@ -62,18 +62,33 @@ def _incomplete_reason(folder) -> str:
         free = shutil.disk_usage(folder).free
     except OSError:
         free = 0
-    if free < 1 << 20:
+    if free < 16 << 20:
         return f"the disk is full ({_free_space(folder)} free in {folder})"
     return f"the write stopped early; {_free_space(folder)} free in {folder}"
+
+
+def interrupted_by_user(exc: BaseException) -> bool:
+    """True when ``exc`` is what a Ctrl-C turned into inside a writer: torch's zip writer,
+    interrupted in its Python write callback, raises "unexpected pos" with the
+    KeyboardInterrupt as its context."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 def write_failure_reason(exc: BaseException, folder) -> str:
     """What went wrong in plain words (not a torch or ITK internal)."""
     text = str(exc)
     errno_value = getattr(exc, "errno", None)
-    if errno_value == errno.ENOSPC or "No space left" in text or "unexpected pos" in text \
-            or "wrote only" in text or "fwrite" in text:
+    if errno_value == errno.ENOSPC or "No space left" in text:
         return f"the disk is full ({_free_space(folder)} free in {folder})"
+    if "unexpected pos" in text or "wrote only" in text or "fwrite" in text:
+        # A short write without a reason: a full disk only if the disk is (nearly) full.
+        return _incomplete_reason(folder)
     if errno_value in (errno.EROFS,) or "Read-only file system" in text:
         return f"{folder} is on a read-only file system"
     if errno_value in (errno.EACCES, errno.EPERM) or "Permission denied" in text:
@@ -250,6 +265,8 @@ class StagedFiles:
         except (ResultWriteError, NonFiniteError):
             raise
         except (OSError, RuntimeError, ValueError) as exc:
+            if interrupted_by_user(exc):
+                raise KeyboardInterrupt from None
             raise ResultWriteError(f"{final}: not written ({write_failure_reason(exc, self.folder)}); "
                                    f"the folder keeps its previous files") from None
         return final
