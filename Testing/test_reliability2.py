@@ -188,3 +188,53 @@ def test_a_short_write_with_free_space_is_not_called_a_full_disk(tmp_path):
     reason = write_failure_reason(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 46 vs 0"),
                                   tmp_path)
     assert reason.startswith("the write stopped early;") and "disk is full" not in reason
+
+
+# ------------------------------------------------- 2, 3: query point files
+
+FCSV = """# Markups fiducial file version = 4.11
+# CoordinateSystem = {space}
+# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID
+vtkMRMLMarkupsFiducialNode_0,-1,-2,3,0,0,0,1,1,1,0,F-1,,
+vtkMRMLMarkupsFiducialNode_1,-4.5,-5,6,0,0,0,1,1,1,0,F-2,,
+"""
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("p.csv", "x,y,z,image\n", "p.csv: holds no point"),
+    ("p.csv", "", "p.csv: is empty"),
+    ("p.csv", "# only a comment\n\n", "p.csv: holds no point"),
+    ("p.json", "[]", "p.json: holds no point"),
+    ("p.fcsv", FCSV.format(space="RAS").split("vtkMRML")[0], "p.fcsv: holds no point"),
+    ("p.json", json.dumps({"space": "IJK", "points": [[1, 2, 3]]}), "p.json: \"space\": unknown coordinate space 'IJK'"),
+    ("p.json", json.dumps([{"point": [1, 2, 3], "space": "ras "}, {"point": [1, 2, 3], "space": "xyz"}]),
+     "p.json item 2: unknown coordinate space 'xyz'"),
+    ("p.json", json.dumps([[1, 2, 3], [True, False, 1]]), "p.json item 2: coordinates [true, false, 1]"),
+    ("p.json", json.dumps([{"point": ["1", "2", "3"]}]), "p.json item 1: coordinates ['1', '2', '3'] are not numbers"),
+])
+def test_point_files_that_give_no_usable_point_are_refused(volumes, tmp_path, capsys, name, text, message):
+    points = tmp_path / name
+    points.write_text(text)
+    code, _, err = run_cli(capsys, *match_args(volumes, tmp_path / "m", tmp_path / "missing.pt", "--points", points))
+    assert code == 1
+    line = error_line(err).replace("True, False", "true, false")
+    assert message in line, line
+    assert not (tmp_path / "m").exists()
+
+
+def test_point_files_in_ras_semicolons_and_fcsv_are_read_in_lps(tmp_path):
+    from gvsl.match import read_points
+    expected = [[1.0, 2.0, 3.0], [4.5, 5.0, 6.0]]  # LPS of the RAS points in FCSV
+    (tmp_path / "top.json").write_text(json.dumps({"space": "RAS", "points": [[-1, -2, 3], {"point": [-4.5, -5, 6]}]}))
+    assert [p["point"] for p in read_points(tmp_path / "top.json")] == expected
+    (tmp_path / "mixed.json").write_text(json.dumps({"space": "RAS", "points": [{"point": [1, 2, 3], "space": "LPS"}]}))
+    assert read_points(tmp_path / "mixed.json")[0]["point"] == [1.0, 2.0, 3.0]
+    (tmp_path / "semi.csv").write_text("x;y;z;image\n1;2;3;fixed\n4,5;5;6;moving\n")
+    assert read_points(tmp_path / "semi.csv") == [{"point": [1.0, 2.0, 3.0], "image": "fixed"},
+                                                  {"point": [4.5, 5.0, 6.0], "image": "moving"}]
+    for space in ("RAS", "0"):
+        (tmp_path / "ras.fcsv").write_text(FCSV.format(space=space))
+        assert [p["point"] for p in read_points(tmp_path / "ras.fcsv")] == expected
+    for space in ("LPS", "1"):
+        (tmp_path / "lps.fcsv").write_text(FCSV.format(space=space).replace(",-", ","))
+        assert [p["point"] for p in read_points(tmp_path / "lps.fcsv")] == [[1.0, 2.0, 3.0], [4.5, 5.0, 6.0]]

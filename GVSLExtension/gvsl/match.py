@@ -441,65 +441,141 @@ def jacobian_determinant(displacement: sitk.Image) -> sitk.Image:
 # ----------------------------------------------------------------------------- CLI
 
 
-def read_points(path, grids: Optional[dict] = None) -> List[dict]:
-    """Query points: CSV rows ``x,y,z[,image]`` or JSON ``[{"point": [x,y,z], "image": ...}]``
-    in LPS mm (add ``"space": "RAS"`` in JSON for Slicer coordinates). Each point must have
-    three finite coordinates and, given ``grids`` ({"fixed": Grid, "moving": Grid}, e.g. from
-    :func:`gvsl.data.image_grid`), lie inside the image it is placed on; errors name the
-    CSV row or JSON item."""
+POINT_SPACES = ("LPS", "RAS")
+# Slicer's markups fiducial CSV: "# CoordinateSystem = RAS|LPS", or 0 (RAS) / 1 (LPS) in older files.
+FCSV_SPACES = {"RAS": "RAS", "LPS": "LPS", "0": "RAS", "1": "LPS"}
+
+
+def _point_space(value, where: str) -> str:
+    space = str(value).strip().upper()
+    if space not in POINT_SPACES:
+        raise InputError(f"{where}: unknown coordinate space {value!r}; use \"LPS\" (files, ITK) or \"RAS\" (Slicer)")
+    return space
+
+
+def _json_coordinates(value, where: str) -> np.ndarray:
+    """Three plain JSON numbers (not booleans, not strings)."""
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise InputError(f"{where}: coordinates {value!r} are not numbers (expected [x, y, z])")
+    return np.asarray(value, dtype=float).reshape(-1)
+
+
+def _read_json_points(path: Path, text: str) -> List[dict]:
     from .conventions import ras_to_lps
+    try:
+        items = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    space = "LPS"
+    if isinstance(items, dict) and "points" in items:
+        space = _point_space(items.get("space", "LPS"), f"{path}: \"space\"")
+        items = items["points"]
+    if not isinstance(items, list):
+        raise InputError(f"{path}: expected a JSON list of points, or {{\"space\": ..., \"points\": [...]}}")
+    points = []
+    for k, item in enumerate(items):
+        where = f"item {k + 1}"
+        if isinstance(item, (list, tuple)):
+            item = {"point": item}
+        if not isinstance(item, dict) or "point" not in item:
+            raise InputError(f"{path} {where}: expected {{\"point\": [x, y, z]}} or [x, y, z]")
+        p = _json_coordinates(item["point"], f"{path} {where}")
+        if _point_space(item.get("space", space), f"{path} {where}") == "RAS" and p.size == 3:
+            p = ras_to_lps(p)
+        points.append({"point": p.tolist(), "image": item.get("image", "fixed"), "where": where})
+    return points
+
+
+def _number(text: str, decimal_comma: bool) -> float:
+    if decimal_comma:
+        text = text.replace(",", ".")
+    return float(text)
+
+
+def _read_csv_points(path: Path, text: str) -> List[dict]:
+    """Rows ``x,y,z[,image]`` (LPS) with an optional header; ``;`` or tab separators (with
+    decimal commas after ``;``); Slicer's ``.fcsv`` (``# CoordinateSystem`` comment, columns
+    id,x,y,z,...)."""
+    from .conventions import ras_to_lps
+    lines = text.splitlines()
+    fcsv = path.suffix.lower() == ".fcsv" or any(ln.startswith("# Markups fiducial file") for ln in lines[:3])
+    space, columns = "LPS", None
+    if fcsv:
+        space = "RAS"  # Slicer's default before files said otherwise
+        for ln in lines:
+            if not ln.startswith("#"):
+                continue
+            key, _, value = ln[1:].partition("=")
+            if key.strip().lower() == "coordinatesystem":
+                if value.strip().upper() not in FCSV_SPACES:
+                    raise InputError(f"{path}: unknown CoordinateSystem {value.strip()!r} (expected RAS, LPS, 0 or 1)")
+                space = FCSV_SPACES[value.strip().upper()]
+            elif key.strip().lower() == "columns":
+                columns = [c.strip().lower() for c in value.split(",")]
+    data_lines = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    delimiter = ","
+    if data_lines and not fcsv:
+        sample = data_lines[0]
+        if ";" in sample:
+            delimiter = ";"
+        elif "\t" in sample and "," not in sample:
+            delimiter = "\t"
+    decimal_comma = delimiter == ";"
+    first = 1 if fcsv else 0  # an .fcsv row starts with its id
+    if columns and all(c in columns for c in ("x", "y", "z")):
+        first = columns.index("x")
+    points, seen_data = [], False
+    for number, row in enumerate(csv.reader(lines, delimiter=delimiter), start=1):
+        if not row or not "".join(row).strip() or row[0].strip().startswith("#"):
+            continue
+        where = f"row {number}"
+        values = [v.strip() for v in row]
+        numeric = []
+        for v in values[first:first + 3]:
+            try:
+                numeric.append(_number(v, decimal_comma))
+            except ValueError:
+                break
+        if not seen_data and len(numeric) == 0:
+            continue  # a header line such as "x,y,z,image"
+        seen_data = True
+        if len(numeric) < 3:
+            got = len(numeric) if len(numeric) == len(values[first:first + 3]) else f"{values[first:first + 3]!r}"
+            raise InputError(f"{path} {where}: needs 3 numbers x,y,z{'' if fcsv else '[,image]'}, got {got}")
+        point = ras_to_lps(numeric).tolist() if space == "RAS" else numeric
+        image = "fixed" if fcsv else (values[3] if len(values) > 3 else "fixed") or "fixed"
+        points.append({"point": point, "image": image, "where": where})
+    return points
+
+
+def read_points(path, grids: Optional[dict] = None) -> List[dict]:
+    """Query points, LPS mm unless the file says otherwise:
+
+    * CSV rows ``x,y,z[,image]`` (optional header; ``;`` or tab separators also work);
+    * Slicer's markups ``.fcsv`` (in the ``# CoordinateSystem`` it declares, RAS or LPS);
+    * JSON ``[{"point": [x,y,z], "image": ...}]`` or ``{"space": "RAS", "points": [...]}``
+      (``"space"`` per item too: "LPS" or "RAS", for Slicer coordinates).
+
+    Each point must have three finite coordinates and, given ``grids`` ({"fixed": Grid,
+    "moving": Grid}, e.g. from :func:`gvsl.data.image_grid`), lie inside the image it is
+    placed on; a file that gives no point is refused. Errors name the CSV row or JSON item."""
     from .data import check_points
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: points file not found")
-    points = []
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read points ({exc})") from None
     if path.suffix.lower() == ".json":
-        try:
-            items = json.loads(text)
-        except ValueError as exc:
-            raise InputError(f"{path}: not valid JSON ({exc})") from None
-        if isinstance(items, dict) and "points" in items:
-            items = items["points"]
-        if not isinstance(items, list):
-            raise InputError(f"{path}: expected a JSON list of points")
-        for k, item in enumerate(items):
-            where = f"item {k + 1}"
-            if isinstance(item, (list, tuple)):
-                item = {"point": item}
-            if not isinstance(item, dict) or "point" not in item:
-                raise InputError(f"{path} {where}: expected {{\"point\": [x, y, z]}} or [x, y, z]")
-            try:
-                p = np.asarray(item["point"], dtype=float).reshape(-1)
-            except (TypeError, ValueError):
-                raise InputError(f"{path} {where}: coordinates {item['point']!r} are not numbers") from None
-            if str(item.get("space", "LPS")).upper() == "RAS" and p.size == 3:
-                p = ras_to_lps(p)
-            points.append({"point": p.tolist(), "image": item.get("image", "fixed"), "where": where})
+        points = _read_json_points(path, text)
     else:
-        seen_data = False
-        for number, row in enumerate(csv.reader(text.splitlines()), start=1):
-            if not row or not "".join(row).strip() or row[0].strip().startswith("#"):
-                continue
-            where = f"row {number}"
-            values = [v.strip() for v in row]
-            numeric = []
-            for v in values[:3]:
-                try:
-                    numeric.append(float(v))
-                except ValueError:
-                    break
-            if not seen_data and len(numeric) == 0:
-                continue  # a header line such as "x,y,z,image"
-            seen_data = True
-            if len(numeric) < 3:
-                got = len(numeric) if len(numeric) == len(values[:3]) else f"{values[:3]!r}"
-                raise InputError(f"{path} {where}: needs 3 numbers x,y,z[,image], got {got}")
-            points.append({"point": numeric, "image": (values[3] if len(values) > 3 else "fixed") or "fixed",
-                           "where": where})
+        points = _read_csv_points(path, text)
+    if not points:
+        what = "is empty" if not text.strip() else "holds no point"
+        raise InputError(f"{path}: {what}; expected rows x,y,z[,image] (LPS mm), a Slicer .fcsv, or a JSON list "
+                         f"of points")
     checked = check_points(points, grids or {}, str(path))
     return [{"point": p["point"], "image": p["image"]} for p in checked]
 
