@@ -238,3 +238,17 @@ def test_point_files_in_ras_semicolons_and_fcsv_are_read_in_lps(tmp_path):
     for space in ("LPS", "1"):
         (tmp_path / "lps.fcsv").write_text(FCSV.format(space=space).replace(",-", ","))
         assert [p["point"] for p in read_points(tmp_path / "lps.fcsv")] == [[1.0, 2.0, 3.0], [4.5, 5.0, 6.0]]
+
+
+# ------------------------------------------------ 4: --init of another width
+
+
+def test_pretrain_init_of_another_width_is_one_line(data_folder, tiny_checkpoint, tmp_path, capsys):
+    args = pretrain_args(data_folder, tmp_path / "run", 2, "--init", tiny_checkpoint)
+    args[args.index("--width") + 1] = "0.5"
+    code, _, err = run_cli(capsys, *args)
+    assert code == 1
+    line = error_line(err)
+    assert f"{tiny_checkpoint}: has width 0.25, this run has --width 0.5; pass --width 0.25" in line, line
+    assert len(err.splitlines()) < 8, err
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()

@@ -73,11 +73,22 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
     model = GVSL(width=cfg.width, matching=cfg.matching).to(device)
     if cfg.init:
         from .checkpoint import load_model
+        from .checkpoint import CheckpointError
         init = load_model(cfg.init)
+        if abs(float(init.width) - float(cfg.width)) > 1e-9:
+            raise CheckpointError(f"{cfg.init}: has width {init.width:g}, this run has --width {cfg.width:g}; "
+                                  f"pass --width {init.width:g} to start from these weights, or another --init")
         # Weights of another matching mode load too: only that mode's own parameters differ.
-        missing, unexpected = model.load_state_dict(init.state_dict(), strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(init.state_dict(), strict=False)
+        except RuntimeError as exc:
+            lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+            raise CheckpointError(f"{cfg.init}: does not fit this run's network ({len(lines) - 1} problems, first: "
+                                  f"{lines[1] if len(lines) > 1 else lines[0][:200]})") from None
         if any(not k.startswith("match_") for k in missing + unexpected):
-            model.load_state_dict(init.state_dict())  # the real error, with its message
+            odd = [k for k in missing + unexpected if not k.startswith("match_")]
+            raise CheckpointError(f"{cfg.init}: does not fit this run's network ({len(odd)} tensors missing or "
+                                  f"unexpected, e.g. {', '.join(odd[:3])})")
         log(init.load_report.summary())
     precision = resolve_precision(device, cfg.precision)
     precision.prepare(model)
