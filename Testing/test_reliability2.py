@@ -252,3 +252,41 @@ def test_pretrain_init_of_another_width_is_one_line(data_folder, tiny_checkpoint
     assert f"{tiny_checkpoint}: has width 0.25, this run has --width 0.5; pass --width 0.25" in line, line
     assert len(err.splitlines()) < 8, err
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+# ------------------------- 6 + smaller: finetune without validation, renamed classes
+
+
+def finetune_args(volumes, tmp_path, *extra):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    for folder in (images, labels):
+        folder.mkdir(exist_ok=True)
+    for seed in (0, 1):
+        shutil.copy(volumes / f"v{seed}.nii.gz", images / f"c{seed}.nii.gz")
+        shutil.copy(volumes / f"v{seed}_label.nii.gz", labels / f"c{seed}.nii.gz")
+    return ["finetune", "--images", images, "--labels", labels, "--out", tmp_path / "run", "--patch", "16",
+            "--width", "0.25", "--device", "cpu", "--spacing", "1.5", "--progress", "json", *extra]
+
+
+def events(stdout, name):
+    return [e for e in (json.loads(ln) for ln in stdout.splitlines() if ln.startswith("{")) if e["event"] == name]
+
+
+def test_finetune_without_validation_says_null_and_resume_keeps_the_class_names(volumes, tmp_path, capsys):
+    from gvsl.checkpoint import read_checkpoint
+    code, out, err = run_cli(capsys, *finetune_args(volumes, tmp_path, "--iters", "2", "--val-fraction", "0"))
+    assert code == 0, err
+    done = events(out, "done")[0]
+    assert done["best_val_dice"] is None and done["last_val_dice"] is None
+    assert any("no validation cases" in e["message"] and "best.pt holds the final weights" in e["message"]
+               for e in events(out, "log"))
+    best = read_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert best["best_val_dice"] is None
+    classes = best["classes"]
+    before = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
+    renamed = ",".join(f"organ{k}" for k in range(len(classes)))
+    code, out, err = run_cli(capsys, *finetune_args(volumes, tmp_path, "--iters", "3", "--val-fraction", "0",
+                                                    "--resume", "--classes", renamed))
+    assert code == 1
+    assert f"the run was started with classes {','.join(classes)}, this command gives {renamed}" in error_line(err)
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before

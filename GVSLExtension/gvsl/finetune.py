@@ -89,6 +89,19 @@ def pair_images_and_labels(images, labels) -> List[Tuple[str, str]]:
     raise InputError(f"{labels}: no label map for {', '.join(missing[:3])} (pairing by file name or by order)")
 
 
+def check_resumed_classes(ckpt: dict, classes: List[str], named: bool, path) -> List[str]:
+    """The class names a resumed run goes on with: its own. Other names given with
+    ``--classes`` (or another count) are refused, not silently written into the checkpoint."""
+    saved = list(ckpt.get("classes") or [])
+    if not saved or saved == list(classes):
+        return list(classes)
+    if named or len(saved) != len(classes):
+        raise InputError(f"{path}: the run was started with classes {','.join(saved)}, this command gives "
+                         f"{','.join(classes)}; resume with --classes \"{','.join(saved)}\" (or without --classes), "
+                         f"or start a new run in another --out")
+    return saved
+
+
 def check_same_geometry(image: sitk.Image, label: sitk.Image, image_path: str, label_path: str):
     a, b = Grid.of(image), Grid.of(label)
     problems = []
@@ -335,11 +348,14 @@ def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
     optimizer = torch.optim.Adam(trainable, lr=cfg.lr)
     sampler = CropSampler(train_cases, cfg.patch, cfg.seed * 1000 + ddp.rank, cfg.foreground_crop_fraction)
     metrics = MetricsLog(run_dir / "metrics.jsonl" if ddp.is_main else None)
-    start_step, best_dice = 0, -1.0
+    start_step, best_dice = 0, None  # None (JSON null): nothing validated yet
     if cfg.resume and last.exists():
         ckpt = resume_state(run_dir, model, optimizer, sampler, ddp, metrics, log)
+        classes = check_resumed_classes(ckpt, classes, cfg.classes is not None, last)
         start_step = int(ckpt["step"])
-        best_dice = float(ckpt.get("best_val_dice", -1.0))
+        saved_best = ckpt.get("best_val_dice")
+        # Older runs wrote -1.0 for "never validated".
+        best_dice = float(saved_best) if saved_best is not None and float(saved_best) >= 0 else None
     else:
         metrics.set_aside(log)
     if ddp.is_main:
@@ -405,7 +421,7 @@ def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
                 # A class absent from every validation case has no Dice: null in the log, not NaN.
                 metrics.write(finite_or_none({"step": step, "val_dice": last_val, "val_mean_dice": mean}))
                 reporter.event("validation", **finite_or_none({"step": step, "dice": last_val, "mean_dice": mean}))
-                if mean > best_dice:
+                if np.isfinite(mean) and (best_dice is None or mean > best_dice):
                     best_dice = mean
                     save_atomic(payload(step, best_dice, gather=False), run_dir / "checkpoints" / "best.pt")
             if ddp.any_flag(stop.requested):
@@ -419,7 +435,13 @@ def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
     if ddp.is_main:
         path = write_checkpoint(run_dir, data, step, False)
         if not (run_dir / "checkpoints" / "best.pt").exists():
+            # No validation ran (no validation cases): best.pt is the final weights, marked
+            # unvalidated (best_val_dice null), so `--checkpoint best.pt` still works.
             save_atomic(data, run_dir / "checkpoints" / "best.pt")
+            if not val_cases:
+                log(f"no validation cases: {run_dir / 'checkpoints' / 'best.pt'} holds the final weights, not a "
+                    f"validated choice (best_val_dice null); give --val-images/--val-labels or a --val-fraction "
+                    f"that leaves at least one case to validate")
         reporter.event("checkpoint", step=step, path=str(path))
     summary = {"step": step, "total": cfg.iters, "stopped": stopped, "run_dir": str(run_dir),
                "best_val_dice": best_dice, "last_val_dice": last_val, "classes": classes,
