@@ -290,3 +290,29 @@ def test_finetune_without_validation_says_null_and_resume_keeps_the_class_names(
     assert code == 1
     assert f"the run was started with classes {','.join(classes)}, this command gives {renamed}" in error_line(err)
     assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
+
+
+# --------------------------------------------------- 12: finetune pairing
+
+
+def test_one_unmatched_name_is_refused_not_paired_by_order(tmp_path):
+    from gvsl.finetune import pair_images_and_labels
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    tiny = sitk.Image(4, 4, 4, sitk.sitkUInt8)
+    for name in ("a.nii.gz", "b.nii.gz", "c.nii.gz"):
+        sitk.WriteImage(tiny, str(images / name))
+    for name in ("a.nii.gz", "b_seg.nii.gz", "x.nii.gz"):
+        sitk.WriteImage(tiny, str(labels / name))
+    with pytest.raises(InputError, match=r"labels: no label map named like 1 image\(s\): c.nii.gz; label maps left "
+                                         r"unpaired: x.nii.gz; rename them"):
+        pair_images_and_labels(images, labels)
+    (labels / "x.nii.gz").rename(labels / "c.nii.gz")
+    assert [(Path(i).name, Path(l).name) for i, l in pair_images_and_labels(images, labels)] == [
+        ("a.nii.gz", "a.nii.gz"), ("b.nii.gz", "b_seg.nii.gz"), ("c.nii.gz", "c.nii.gz")]
+    for k, path in enumerate(sorted(labels.iterdir())):  # no name pairs at all: by order, with a warning
+        path.rename(labels / f"label{k}.nii.gz")
+    from gvsl.data import InputWarning
+    with pytest.warns(InputWarning, match="paired by order"):
+        assert len(pair_images_and_labels(images, labels)) == 3

@@ -70,23 +70,37 @@ def _stem(path: str) -> str:
 
 
 def pair_images_and_labels(images, labels) -> List[Tuple[str, str]]:
-    """Pair by file name (``case1.nii.gz`` with ``case1.nii.gz`` or ``case1_seg...``), else
-    by order when both lists have the same length."""
+    """Pair by file name (``case1.nii.gz`` with ``case1.nii.gz`` or ``case1_seg...``); by
+    order only when no name pairs at all and both lists have the same length. When some
+    names pair and others do not, the unmatched files are named: pairing the rest by order
+    would silently give images the wrong label maps."""
+    from .data import warn_input
     image_paths, label_paths = find_volumes(images), find_volumes(labels)
     if not image_paths:
         raise InputError(f"{images}: no images found")
+    if not label_paths:
+        raise InputError(f"{labels}: no label maps found")
     by_stem = {_stem(p): p for p in label_paths}
     pairs = []
     for image in image_paths:
         stem = _stem(image)
         match = by_stem.get(stem) or next((p for s, p in by_stem.items() if s.startswith(stem + "_")), None)
         pairs.append((image, match))
-    if all(label for _, label in pairs):
+    matched = [label for _, label in pairs if label]
+    if len(matched) == len(pairs):
         return pairs
-    if len(image_paths) == len(label_paths):
+    if not matched and len(image_paths) == len(label_paths):
+        warn_input(f"{labels}: no label file name matches an image's, so images and labels are paired by "
+                   f"order ({Path(image_paths[0].split('::')[0]).name} with {Path(label_paths[0]).name}, ...); "
+                   f"name them alike (case1.nii.gz and case1.nii.gz or case1_seg.nii.gz) to be sure")
         return list(zip(image_paths, label_paths))
-    missing = [image for image, label in pairs if label is None]
-    raise InputError(f"{labels}: no label map for {', '.join(missing[:3])} (pairing by file name or by order)")
+    missing = [Path(image.split("::")[0]).name for image, label in pairs if label is None]
+    unused = [Path(p.split("::")[0]).name for p in label_paths if p not in matched]
+    raise InputError(f"{labels}: no label map named like {len(missing)} image(s): {', '.join(missing[:5])}"
+                     f"{' ...' if len(missing) > 5 else ''}"
+                     f"{f'; label maps left unpaired: ' + ', '.join(unused[:5]) if unused else ''}"
+                     f"{' ...' if len(unused) > 5 else ''}; rename them to match (case1.nii.gz with case1.nii.gz "
+                     f"or case1_seg.nii.gz), or remove them")
 
 
 def check_resumed_classes(ckpt: dict, classes: List[str], named: bool, path) -> List[str]:
