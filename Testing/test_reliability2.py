@@ -316,3 +316,27 @@ def test_one_unmatched_name_is_refused_not_paired_by_order(tmp_path):
     from gvsl.data import InputWarning
     with pytest.warns(InputWarning, match="paired by order"):
         assert len(pair_images_and_labels(images, labels)) == 3
+
+
+# ------------------------------------ 13: divergence under the gradient scaler
+
+
+def test_divergence_is_caught_with_the_gradient_scaler_on(data_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, *pretrain_args(data_folder, out, 6, "--precision", "bf16", "--lr", "1e30",
+                                                       "--progress", "json"))
+    assert events(stdout, "start")[0]["precision"]["grad_scaler"] is True
+    assert code == 1
+    line = error_line(err)
+    assert "the loss is not finite" in line and "training diverged" in line, line
+    assert not (out / "checkpoints" / "last.pt").exists() and not events(stdout, "done")
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+
+
+def test_resume_uses_the_commands_learning_rate(data_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(capsys, *pretrain_args(data_folder, out, 1))[0] == 0
+    assert run_cli(capsys, *pretrain_args(data_folder, out, 2, "--resume", "--lr", "3e-5"))[0] == 0
+    lrs = [json.loads(ln)["lr"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == [1e-4, 3e-5]

@@ -364,7 +364,7 @@ def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
     metrics = MetricsLog(run_dir / "metrics.jsonl" if ddp.is_main else None)
     start_step, best_dice = 0, None  # None (JSON null): nothing validated yet
     if cfg.resume and last.exists():
-        ckpt = resume_state(run_dir, model, optimizer, sampler, ddp, metrics, log)
+        ckpt = resume_state(run_dir, model, optimizer, sampler, ddp, metrics, log, lr=cfg.lr)
         classes = check_resumed_classes(ckpt, classes, cfg.classes is not None, last)
         start_step = int(ckpt["step"])
         saved_best = ckpt.get("best_val_dice")

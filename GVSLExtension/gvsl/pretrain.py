@@ -104,7 +104,7 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
     last = run_dir / "checkpoints" / "last.pt"
     metrics = MetricsLog(run_dir / "metrics.jsonl" if ddp.is_main else None)
     if cfg.resume and last.exists():
-        ckpt = resume_state(run_dir, model, optimizer, sampler, ddp, metrics, log)
+        ckpt = resume_state(run_dir, model, optimizer, sampler, ddp, metrics, log, lr=cfg.lr)
         if ckpt.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
         start_step = int(ckpt["step"])
@@ -161,6 +161,15 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
             with precision.autocast():
                 output = net(a_input, b_input)
             loss, terms = criterion(output, a_target, truth)
+            if not torch.isfinite(loss.detach()):
+                # Diverged weights, or only the low-precision range (an fp16 overflow the scaler
+                # skips)? The same batch in fp32 decides, before the step can touch the weights.
+                check_loss, check_terms = loss, terms
+                if scaler.is_enabled():
+                    with torch.no_grad():
+                        check_loss, check_terms = criterion(net(a_input, b_input), a_target, truth)
+                check_finite_losses({**{k: float(v.detach()) for k, v in check_terms.items()},
+                                     "total": float(check_loss.detach())}, step + 1, run_dir)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -170,8 +179,6 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
             if step % cfg.log_every == 0 or step == cfg.iters or step == start_step + 1:
                 values = {k: float(v.detach()) for k, v in terms.items()}
                 values["total"] = float(loss.detach())
-                if not scaler.is_enabled():  # under fp16 GradScaler an inf loss is a skipped step, not divergence
-                    check_finite_losses(values, step, run_dir)
                 record = {"step": step, **values, "lr": optimizer.param_groups[0]["lr"],
                           "seconds_per_step": seconds, "samples_per_s": cfg.batch * ddp.world / seconds}
                 if scaler.is_enabled():  # a falling scale means steps skipped for non-finite gradients
@@ -188,6 +195,6 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
     checksums = ddp.parameter_checksums(model)
     summary = {"step": step, "total": cfg.iters, "stopped": stopped, "run_dir": str(run_dir),
                "checkpoint": str(last), "world_size": ddp.world, "rank_parameter_checksums": checksums,
-               "final_loss": {k: float(v.detach()) for k, v in terms.items()}}
+               "final_loss": finite_or_none({k: float(v.detach()) for k, v in terms.items()})}
     reporter.event("done", **summary)
     return summary

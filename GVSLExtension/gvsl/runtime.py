@@ -299,7 +299,8 @@ ARCHITECTURE_OPTIONS = {"width": "--width", "num_classes": "--classes (number of
                         "in_channels": "input channels"}
 
 
-def resume_state(run_dir: Path, model, optimizer, sampler, ddp: "Distributed", metrics: "MetricsLog", log):
+def resume_state(run_dir: Path, model, optimizer, sampler, ddp: "Distributed", metrics: "MetricsLog", log,
+                 lr: Optional[float] = None):
     """Load ``last.pt`` into model, optimizer and this rank's sampler; returns the checkpoint
     dict (its ``step`` is where training continues). A checkpoint of another architecture is
     one line naming the option, not torch's list of every mismatching tensor."""
@@ -324,6 +325,10 @@ def resume_state(run_dir: Path, model, optimizer, sampler, ddp: "Distributed", m
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{last}: its optimizer state does not fit this run ({str(exc)[:120]}); was the "
                               f"run started with another --mode?") from None
+    # The optimizer state brings the run's old learning rate; the command's --lr wins (the
+    # divergence message says "resume with a lower --lr").
+    for group in optimizer.param_groups:
+        group["lr"] = lr if lr is not None else group["lr"]
     states = ckpt.get("sampler_states") or []
     if ddp.rank < len(states):
         sampler.set_state(states[ddp.rank])
