@@ -340,3 +340,28 @@ def test_resume_uses_the_commands_learning_rate(data_folder, tmp_path, capsys):
     assert run_cli(capsys, *pretrain_args(data_folder, out, 2, "--resume", "--lr", "3e-5"))[0] == 0
     lrs = [json.loads(ln)["lr"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert lrs == [1e-4, 3e-5]
+
+
+# ----------------------------------------------- 11: match into a used --out
+
+
+def test_a_new_match_removes_the_previous_results_extra_files_and_nothing_else(volumes, tiny_checkpoint, tmp_path,
+                                                                                capsys):
+    out = tmp_path / "m"
+    points = tmp_path / "p.csv"
+    points.write_text("x,y,z\n0,0,0\n")
+    fast = ("--refine-iters", "0")
+    code, _, err = run_cli(capsys, "match", volumes / "v0.nii.gz", volumes / "v1.nii.gz", "--out", out,
+                           "--checkpoint", tiny_checkpoint, "--device", "cpu", "--points", points, "--save-state", *fast)
+    assert code == 0, err
+    first = sorted(p.name for p in out.iterdir())
+    assert {"points.json", "heatmap_0.nii.gz", "report.png", "state.npz"} <= set(first)
+    assert json.loads((out / "metrics.json").read_text())["outputs"] == first
+    (out / "notes.txt").write_text("mine")
+    (out / "heatmap_7.nii.gz").write_bytes(b"not the tool's")  # a name like ours, not written by the tool
+    code, _, err = run_cli(capsys, *match_args(volumes, out, tiny_checkpoint, *fast))
+    assert code == 0, err
+    assert "removed 4 file(s) of the previous result" in err
+    now = sorted(p.name for p in out.iterdir())
+    assert now == sorted(["affine.tfm", "displacement.nii.gz", "warped.nii.gz", "jacobian.nii.gz", "metrics.json",
+                          "notes.txt", "heatmap_7.nii.gz"]), now

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -185,7 +186,8 @@ class MatchResult:
             warped_working=state["warped_working"], moving_on_fixed_working=state["moving_on_fixed_working"])
 
     # ------------------------------------------------------------------- export
-    def save(self, out_dir, points: Sequence[dict] = (), report: bool = True) -> Dict[str, str]:
+    def save(self, out_dir, points: Sequence[dict] = (), report: bool = True,
+             also: Sequence[str] = ()) -> Dict[str, str]:
         """Write affine.tfm, displacement.nii.gz, warped.nii.gz, jacobian.nii.gz,
         metrics.json, heatmap_<k>.nii.gz + points.json and report.png.
 
@@ -226,6 +228,9 @@ class MatchResult:
                 from .report import match_report
                 files["report"] = stage.write_with("report.png", lambda tmp: match_report(self, answers, tmp))
             self.metrics.setdefault("seconds", {})["export"] = time.perf_counter() - t0
+            # What this result consists of (``also``: files written after it, e.g. state.npz),
+            # so that a later run into the same folder removes exactly these and nothing else.
+            self.metrics["outputs"] = sorted({final.name for _, final in stage.staged} | {"metrics.json", *also})
             files["metrics"] = stage.write_json("metrics.json", self.metrics)
         return {k: str(v) for k, v in files.items()}
 
@@ -591,6 +596,46 @@ def summary_line(m: dict) -> str:
             f"at {m['working_grid']['spacing_mm']:.2f} mm")
 
 
+# What `gvsl match` writes; a result folder from before metrics.json listed its "outputs"
+# is cleaned by these names (and only when its metrics.json says it is a match result).
+_MATCH_OUTPUT = re.compile(r"(affine\.tfm|(network_)?displacement\.nii\.gz|warped\.nii\.gz|jacobian\.nii\.gz|"
+                           r"heatmap_\d+\.nii\.gz|points\.json|report\.png|metrics\.json|state\.npz)")
+
+
+def previous_outputs(out) -> List[str]:
+    """The files an earlier ``gvsl match`` wrote into ``out`` (names only)."""
+    metrics = Path(out) / "metrics.json"
+    try:
+        previous = json.loads(metrics.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(previous, dict) or "local_ncc_stages" not in previous:
+        return []  # not a match result: touch nothing
+    listed = previous.get("outputs")
+    if isinstance(listed, list):
+        names = [n for n in listed if isinstance(n, str)]
+    else:
+        names = [p.name for p in Path(out).iterdir() if p.is_file()]
+    return sorted(n for n in names if _MATCH_OUTPUT.fullmatch(n) and (Path(out) / n).is_file())
+
+
+def remove_previous_outputs(out, previous: Sequence[str], kept: Sequence[str], log) -> List[str]:
+    """Remove what the previous result had and this one does not (its points.json,
+    heatmaps, report, state): the folder then holds one result, not a mix of two."""
+    removed = []
+    for name in previous:
+        if name not in kept:
+            try:
+                (Path(out) / name).unlink()
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    if removed:
+        log(f"removed {len(removed)} file(s) of the previous result in {out} that this one does not have: "
+            f"{', '.join(removed[:8])}{' ...' if len(removed) > 8 else ''}")
+    return removed
+
+
 def match_cli(args):
     from .data import image_grid
     from .runtime import Reporter, error_events
@@ -614,9 +659,12 @@ def match_cli(args):
                                 spacing_mm=args.spacing, max_size=args.max_size, progress=progress,
                                 refine_iters=args.refine_iters, similarity=args.similarity,
                                 time_budget_s=args.time_budget, precision=args.precision)
-            files = result.save(args.out, points, report=not args.no_report)
+            previous = previous_outputs(args.out)
+            files = result.save(args.out, points, report=not args.no_report,
+                                also=("state.npz",) if args.save_state else ())
             if args.save_state:
                 files["state"] = str(result.save_state(Path(args.out) / "state.npz"))
+            remove_previous_outputs(args.out, previous, result.metrics["outputs"], log)
         reporter.event("progress", step=4, total=4, stage="export", loss={}, eta_s=0.0)
         print(summary_line(result.metrics), flush=True)
         if result.metrics["refinement"].get("warning"):
