@@ -365,3 +365,53 @@ def test_a_new_match_removes_the_previous_results_extra_files_and_nothing_else(v
     now = sorted(p.name for p in out.iterdir())
     assert now == sorted(["affine.tfm", "displacement.nii.gz", "warped.nii.gz", "jacobian.nii.gz", "metrics.json",
                           "notes.txt", "heatmap_7.nii.gz"]), now
+
+
+# ----------------------------------------------- 8, 9: DICOM folders
+
+
+def write_dicom_series(folder, uid, description, seed, name):
+    """A small CT series, one file per slice, named by ``name(k)``."""
+    image, _ = synthetic_volume(size=(20, 20, 8), seed=seed, n_blobs=3)
+    image = sitk.Cast(image, sitk.sitkInt16)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        slice_ = image[:, :, k]
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        for tag, value in (("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
+                           ("0020|000e", uid), ("0008|103e", description), ("0020|0013", str(k + 1)),
+                           ("0020|0032", "\\".join(map(str, position))), ("0020|0037", "\\".join("100010")),
+                           ("0008|0018", f"{uid}.{k + 1}")):
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / "slice.dcm"))  # the writer picks DICOM by the suffix
+        writer.Execute(slice_)
+        (folder / "slice.dcm").rename(folder / name(k))
+
+
+def test_dicom_folders_with_two_series_are_refused_with_the_list_and_one_is_chosen(tmp_path, capsys, tiny_checkpoint):
+    from gvsl.data import find_volumes, read_image
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    first, second = "1.2.826.0.1.3680043.2.1125.10", "1.2.826.0.1.3680043.2.1125.20"
+    write_dicom_series(folder, first, "Thorax 1.0 B30f", 0, lambda k: f"{first}.{k + 1}")  # UID names
+    write_dicom_series(folder, second, "Thorax 5.0 B70f", 1, lambda k: f"CT.{k + 1:04d}.IMA")  # Siemens
+    assert sorted(find_volumes(tmp_path)) == [f"{folder}::{first}", f"{folder}::{second}"]
+    code, _, err = run_cli(capsys, "segment", folder, "--checkpoint", tiny_checkpoint,
+                           "--out", tmp_path / "seg.nii.gz", "--device", "cpu")
+    assert code == 1 and f"{folder}: holds 2 DICOM series" in error_line(err)
+    code, _, err = run_cli(capsys, "match", folder, folder, "--out", tmp_path / "m", "--checkpoint",
+                           tmp_path / "missing.pt", "--device", "cpu")
+    assert code == 1
+    line = error_line(err)
+    assert f"{folder}: holds 2 DICOM series; choose one by giving FOLDER::SERIES_UID" in line, line
+    assert f"{folder}::{first} (Thorax 1.0 B30f, 8 files)" in line and f"{folder}::{second} (Thorax 5.0 B70f, 8 files)" in line
+    assert not (tmp_path / "m").exists()
+    one = read_image(f"{folder}::{second}")
+    assert one.GetSize() == (20, 20, 8)
+    with pytest.raises(InputError, match=r"no DICOM series '1.2.3' in .*; it holds .*Thorax 1.0 B30f"):
+        read_image(f"{folder}::1.2.3")
+    only = tmp_path / "only"
+    only.mkdir()
+    write_dicom_series(only, first, "Thorax", 0, lambda k: f"IM{k:04d}")  # no suffix at all
+    assert find_volumes(only) == [f"{only}::{first}"] and read_image(only).GetSize() == (20, 20, 8)

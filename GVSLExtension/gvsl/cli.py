@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the known-field loss on those pairs (default 1)")
 
     p = sub.add_parser("match", help="match a pair of volumes in physical space")
-    p.add_argument("fixed")
-    p.add_argument("moving")
+    p.add_argument("fixed", help="volume file, DICOM folder, or FOLDER::SERIES_UID for one series of a folder")
+    p.add_argument("moving", help="as fixed")
     p.add_argument("--out", required=True)
     p.add_argument("--checkpoint", default=None, help="weights (default: the shipped demo model)")
     p.add_argument("--device", default="auto")
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target")
 
     p = sub.add_parser("segment", help="segment a volume with a fine-tuned checkpoint")
-    p.add_argument("image")
+    p.add_argument("image", help="volume file, DICOM folder, or FOLDER::SERIES_UID for one series of a folder")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="output label map (.nii.gz, .nrrd, ...)")
     p.add_argument("--device", default="auto")

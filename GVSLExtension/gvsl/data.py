@@ -56,6 +56,71 @@ def _dicom_series(folder: Path) -> List[str]:
         return []
 
 
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")  # .IMA: Siemens
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """A DICOM file by its name or, for names like UIDs (``1.2.840...``) or none, by the
+    ``DICM`` marker after its 128-byte preamble."""
+    if path.name.lower().endswith(DICOM_SUFFIXES):
+        return True
+    if is_volume_file(path) or path.name.startswith("."):
+        return False
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
+
+
+def _has_dicom_files(folder: Path, files: Sequence[str], probe: int = 32) -> bool:
+    candidates = [f for f in files if not is_volume_file(folder / f)]
+    return any(_is_dicom_file(folder / f) for f in candidates[:probe])
+
+
+def dicom_series_table(folder) -> List[Tuple[str, str, int]]:
+    """(series UID, description, number of files) of every DICOM series in ``folder``."""
+    table = []
+    for uid in _dicom_series(Path(folder)):
+        names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+        description = ""
+        try:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(names[0])
+            reader.ReadImageInformation()
+            for key in ("0008|103e", "0020|0011"):  # series description, series number
+                if reader.HasMetaDataKey(key) and reader.GetMetaData(key).strip():
+                    description = reader.GetMetaData(key).strip()
+                    description = description if key == "0008|103e" else f"series {description}"
+                    break
+        except (RuntimeError, IndexError):
+            pass
+        table.append((uid, description, len(names)))
+    return table
+
+
+def _describe_series(folder, table) -> str:
+    return "; ".join(f"{folder}::{uid} ({description or 'no description'}, {count} files)"
+                     for uid, description, count in table)
+
+
+def single_series(path) -> str:
+    """``path`` itself, or for a DICOM folder ``folder::series_uid`` of its one series. A
+    folder of several series is refused with their list: taking the first would silently
+    match or segment the wrong scan."""
+    path = str(path)
+    if "::" in path or not os.path.isdir(path):
+        return path
+    table = dicom_series_table(path)
+    if not table:
+        raise InputError(f"{path}: folder holds no DICOM series")
+    if len(table) > 1:
+        raise InputError(f"{path}: holds {len(table)} DICOM series; choose one by giving FOLDER::SERIES_UID "
+                         f"instead of the folder: {_describe_series(path, table)}")
+    return f"{path}::{table[0][0]}"
+
+
 def find_volumes(source) -> List[str]:
     """Volumes under a folder (recursive; DICOM series folders count as one volume per
     series, written ``folder::series_uid``) or listed in a text file (one path a line,
@@ -77,7 +142,7 @@ def find_volumes(source) -> List[str]:
     for folder, _dirs, files in sorted(os.walk(source)):
         folder = Path(folder)
         found += [str(folder / f) for f in sorted(files) if is_volume_file(folder / f)]
-        if any(f.lower().endswith(".dcm") or "." not in f for f in files):
+        if _has_dicom_files(folder, files):
             found += [f"{folder}::{uid}" for uid in _dicom_series(folder)]
     return found
 
@@ -90,14 +155,16 @@ def read_image(path, check: bool = True) -> sitk.Image:
     try:
         if "::" in path:
             folder, uid = path.split("::", 1)
+            names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid) if os.path.isdir(folder) else ()
+            if not names:
+                table = dicom_series_table(folder) if os.path.isdir(folder) else []
+                raise InputError(f"{path}: no DICOM series {uid!r} in {folder}"
+                                 f"{'; it holds ' + _describe_series(folder, table) if table else ''}")
             reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
+            reader.SetFileNames(names)
             image = reader.Execute()
         elif os.path.isdir(path):
-            series = _dicom_series(Path(path))
-            if not series:
-                raise InputError(f"{path}: folder holds no DICOM series")
-            return read_image(f"{path}::{series[0]}", check)
+            return read_image(single_series(path), check)
         else:
             if not os.path.exists(path):
                 raise InputError(f"{path}: file not found")

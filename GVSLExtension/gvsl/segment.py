@@ -123,12 +123,14 @@ def segment_cli(args):
         out = Path(args.out)
         check_label_map_name(out)
         check_writable_folder(out.parent)  # before the work, not after it
+        from .data import single_series
+        image = single_series(args.image)  # a DICOM folder of several series is refused here
         segmenter = Segmenter.load(args.checkpoint, args.device, getattr(args, "precision", "auto"))
         patch = segmenter.preprocessing.get("patch", [128, 128, 128])
         reporter.event("start", step=0, total=0, device=str(segmenter.device), precision=segmenter.precision.as_dict())
         describe = (f"window {'x'.join(map(str, patch))} at the checkpoint's {segmenter.preprocessing.get('spacing', 1.0)} mm, "
                     f"overlap {args.overlap}, {segmenter.device} {segmenter.precision.label}")
-        labels = segmenter(args.image, overlap=args.overlap, window_batch=getattr(args, "window_batch", None),
+        labels = segmenter(image, overlap=args.overlap, window_batch=getattr(args, "window_batch", None),
                            on_windows=WindowProgress(reporter, describe))
         with StagedFiles(out.parent) as stage:  # the label map and its class list, complete or not at all
             stage.write_image(out.name, labels)
