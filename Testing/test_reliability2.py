@@ -415,3 +415,35 @@ def test_dicom_folders_with_two_series_are_refused_with_the_list_and_one_is_chos
     only.mkdir()
     write_dicom_series(only, first, "Thorax", 0, lambda k: f"IM{k:04d}")  # no suffix at all
     assert find_volumes(only) == [f"{only}::{first}"] and read_image(only).GetSize() == (20, 20, 8)
+
+
+# ------------------------------------------- 10: images 1e8 mm apart
+
+
+def test_a_displacement_between_images_far_apart_keeps_its_detail(volumes, tiny_model, tmp_path):
+    from gvsl.conventions import Grid
+    from gvsl.match import match_pair
+    fixed = sitk.ReadImage(str(volumes / "v0.nii.gz"))
+    fixed.SetOrigin((1e8 + 0.3, -2.0, 5.0))
+    result = match_pair(fixed, str(volumes / "v1.nii.gz"), tiny_model, device="cpu", refine_iters=0)
+    result.save(tmp_path / "m", report=False)
+    field = sitk.ReadImage(str(tmp_path / "m" / "displacement.nii.gz"))
+    assert field.GetPixelID() == sitk.sitkVectorFloat64
+    u = sitk.GetArrayFromImage(field).reshape(-1, 3)
+    x = Grid.of(field).physical_points()
+    expected = result.map_points(x) - x  # float64, from the mapping itself
+    assert np.abs(u - expected).max() < 0.01
+    # Resampling the moving image through the saved field gives the saved warped image.
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    moving = sitk.Cast(sitk.ReadImage(str(volumes / "v1.nii.gz")), sitk.sitkFloat32)
+    through_field = sitk.GetArrayFromImage(sitk.Resample(moving, result.warped, transform, sitk.sitkLinear,
+                                                         float(sitk.GetArrayViewFromImage(moving).min())))
+    warped = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "m" / "warped.nii.gz")))
+    inside = np.abs(through_field - warped) < 1e9
+    assert np.median(np.abs(through_field - warped)[inside]) < 1e-3 * np.ptp(warped)
+    from gvsl.mapping import Mapping
+    from gvsl.match import displacement_image
+    shift = np.eye(4)
+    shift[0, 3] = 30.0  # images side by side: float32 as before
+    near = displacement_image(Mapping(shift), Grid.of(sitk.ReadImage(str(volumes / "v0.nii.gz"))))
+    assert near.GetPixelID() == sitk.sitkVectorFloat32

@@ -401,16 +401,25 @@ def _itk_affine(matrix: np.ndarray) -> sitk.AffineTransform:
     return transform
 
 
-def _assemble(slabs, shape, components: int = 0) -> np.ndarray:
-    out = np.empty(tuple(shape) + ((components,) if components else ()), dtype=np.float32)
+def _assemble(slabs, shape, components: int = 0, dtype=np.float32) -> np.ndarray:
+    out = np.empty(tuple(shape) + ((components,) if components else ()), dtype=dtype)
     for d0, d1, values in slabs:
         out[d0:d1] = values.numpy()
     return out
 
 
+# float32 vectors resolve a displacement of size |u| to about |u| * 2^-24: where that is
+# coarser than this, the field is written as float64 (images far apart, e.g. an origin of 1e8 mm).
+DISPLACEMENT_RESOLUTION_MM = 0.01
+
+
 def displacement_image(mapping: Mapping, grid: Grid) -> sitk.Image:
-    """ITK displacement field (LPS mm, float32 vectors) of the whole mapping on ``grid``."""
-    image = sitk.GetImageFromArray(_assemble(mapping.displacement_slabs(grid), grid.shape, 3), isVector=True)
+    """ITK displacement field (LPS mm) of the whole mapping on ``grid``: float32 vectors, or
+    float64 where float32 could not hold them to ``DISPLACEMENT_RESOLUTION_MM``."""
+    wide = mapping.displacement_bound(grid) * 2.0 ** -24 > DISPLACEMENT_RESOLUTION_MM
+    dtype = (torch.float64, np.float64) if wide else (torch.float32, np.float32)
+    image = sitk.GetImageFromArray(_assemble(mapping.displacement_slabs(grid, dtype=dtype[0]), grid.shape, 3,
+                                             dtype=dtype[1]), isVector=True)
     return grid.apply_to(image)
 
 
