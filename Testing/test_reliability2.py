@@ -447,3 +447,24 @@ def test_a_displacement_between_images_far_apart_keeps_its_detail(volumes, tiny_
     shift[0, 3] = 30.0  # images side by side: float32 as before
     near = displacement_image(Mapping(shift), Grid.of(sitk.ReadImage(str(volumes / "v0.nii.gz"))))
     assert near.GetPixelID() == sitk.sitkVectorFloat32
+
+
+# ------------------------------------------- 15: a patch that cannot fit
+
+
+def test_a_patch_too_large_for_memory_is_refused_with_a_size_that_fits(data_folder, tmp_path, capsys, monkeypatch):
+    import gvsl.runtime as runtime
+    monkeypatch.setattr(runtime, "available_memory", lambda device: 4 * 10 ** 9)
+    args = pretrain_args(data_folder, tmp_path / "run", 2, "--precision", "fp32")
+    args[args.index("--patch") + 1] = "512"
+    code, _, err = run_cli(capsys, *args)
+    assert code == 1
+    line = error_line(err)
+    assert "--patch 512x512x512 --batch 1 at width 0.25 needs about 242" in line, line
+    assert "cpu has 4.0 GB free; --patch 128 fits (about 3.8 GB)" in line, line
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    # What fits runs, with a note when the patch is larger than the (24^3) volumes.
+    args[args.index("--patch") + 1] = "32"
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert "--patch 32x32x32 is larger than every training volume" in err

@@ -12,7 +12,7 @@ from .checkpoint import FORMAT, FORMAT_VERSION
 from .data import PairSampler, load_training_volumes
 from .losses import GVSLLoss, LossWeights
 from .network import GVSL
-from .runtime import (Distributed, EtaClock, MetricsLog, Reporter, StopFlag, check_finite_losses,
+from .runtime import (Distributed, EtaClock, MetricsLog, Reporter, StopFlag, check_finite_losses, check_training_patch,
                       error_events, gather_sampler_states, prepare_run_dir, resolve_precision, resume_state,
                       run_folder_lock, write_checkpoint)
 from .safe_io import finite_or_none, write_json_atomic
@@ -93,6 +93,7 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
     precision = resolve_precision(device, cfg.precision)
     precision.prepare(model)
     log(f"precision {precision.label} ({precision.reason})")
+    check_training_patch(cfg.patch, cfg.batch, cfg.width, model, device, precision, arrays, warn=log)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = precision.grad_scaler()
     sampler = PairSampler(arrays, cfg.patch, seed=cfg.seed * 1000 + ddp.rank)
