@@ -468,3 +468,34 @@ def test_a_patch_too_large_for_memory_is_refused_with_a_size_that_fits(data_fold
     code, _, err = run_cli(capsys, *args)
     assert code == 0, err
     assert "--patch 32x32x32 is larger than every training volume" in err
+
+
+# ------------------------------------------------------------ smaller ones
+
+
+def test_nan_in_a_nifti_is_seen_although_itk_reads_it_as_zero(tmp_path):
+    from gvsl.data import InputWarning, read_image
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((8, 8, 8), np.nan, np.float32)), str(tmp_path / "nan.nii.gz"))
+    with pytest.raises(InputError, match=r"nan.nii.gz: holds no finite value"):
+        read_image(tmp_path / "nan.nii.gz")
+    values = np.random.default_rng(0).random((8, 8, 8)).astype(np.float32) + 1.0
+    values[0, 0, :3] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(tmp_path / "holes.nii.gz"))
+    with pytest.warns(InputWarning, match=r"holes.nii.gz: 3 of 512 voxels are NaN or infinite; they are treated as "
+                                          r"the volume's minimum"):
+        read = sitk.GetArrayFromImage(read_image(tmp_path / "holes.nii.gz"))
+    assert np.allclose(read[0, 0, :3], np.nanmin(values)) and np.array_equal(read[1:], values[1:])
+
+
+def test_a_thin_moving_volume_is_blamed_not_the_fixed_one(volumes, tiny_checkpoint, tmp_path, capsys):
+    image, _ = synthetic_volume(size=(64, 64, 8), spacing=(0.1, 0.1, 50.0), seed=0, n_blobs=3)
+    sitk.WriteImage(image, str(tmp_path / "thin.nii.gz"))
+    # At --max-size 64 the thin volume's 400 mm make the common grid 6.25 mm: too coarse for the fixed one.
+    args = match_args(volumes, tmp_path / "m", tiny_checkpoint, "--max-size", "64")
+    args[2] = tmp_path / "thin.nii.gz"
+    with pytest.warns(UserWarning):
+        code, _, err = run_cli(capsys, *args)
+    assert code == 1
+    line = error_line(err)
+    assert f"error: {tmp_path / 'thin.nii.gz'}: spans 6.4 x 6.4 x 400.0 mm, so the working grid" in line, line
+    assert "check " + str(tmp_path / "thin.nii.gz") + "'s spacing" in line
