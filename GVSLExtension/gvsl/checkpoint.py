@@ -49,7 +49,7 @@ def save_atomic(obj, path, verify: bool = False) -> Path:
     a crash mid-write never leaves a truncated checkpoint behind, and a failed write (a
     full disk) is one clear error that leaves the previous ``path`` as it was. ``verify``
     reads the file back before the rename (for exports, which are written once)."""
-    from .safe_io import ResultWriteError, write_failure_reason
+    from .safe_io import ResultWriteError, interrupted_by_user, write_failure_reason
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -62,6 +62,8 @@ def save_atomic(obj, path, verify: bool = False) -> Path:
             if verify:
                 read_checkpoint(tmp)
         except (OSError, RuntimeError, CheckpointError) as exc:
+            if interrupted_by_user(exc):  # a second Ctrl-C while torch was writing
+                raise KeyboardInterrupt from None
             kept = f"; the previous {path.name} is unchanged" if path.exists() else ""
             raise ResultWriteError(f"{path}: the checkpoint could not be written "
                                    f"({write_failure_reason(exc, path.parent)}){kept}") from None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import List, Optional
 
@@ -15,6 +16,73 @@ def _patch(text: str) -> List[int]:
     return parts
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"wants a whole number >= 1, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0 (0 = none, e.g. --refine-iters 0)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"wants a whole number >= 0, got {text!r}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"wants a finite number, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"wants a number > 0, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"wants a number >= 0, got {text!r}")
+    return value
+
+
+def _fraction_below_one(text: str) -> float:
+    """[0, 1): a validation fraction of 1 would leave nothing to train on."""
+    value = _finite(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"wants a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"wants a fraction in [0, 1], got {text!r}")
+    return value
+
+
+def _overlap(text: str) -> float:
+    value = _finite(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"wants a fraction in [0, 1), got {text!r}")
+    return value
+
+
 def _precision(p: argparse.ArgumentParser):
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on CPUs with native bf16 and on bf16 GPUs, fp16 on other GPUs, else fp32")
@@ -23,29 +91,29 @@ def _precision(p: argparse.ArgumentParser):
 def _common_run(p: argparse.ArgumentParser, iters: int, batch: int, lr: float, patch: str):
     p.add_argument("--out", required=True, help="run folder (config.json, metrics.jsonl, checkpoints/)")
     p.add_argument("--patch", type=_patch, default=_patch(patch), help="crop size D,H,W or one size")
-    p.add_argument("--iters", type=int, default=iters)
-    p.add_argument("--batch", type=int, default=batch)
-    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--iters", type=_positive_int, default=iters)
+    p.add_argument("--batch", type=_positive_int, default=batch)
+    p.add_argument("--lr", type=_positive, default=lr)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--amp", action="store_true", help="kept for old scripts: mixed precision is --precision auto, the default")
     _precision(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ckpt-every", type=int, default=500)
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--ckpt-every", type=_positive_int, default=500)
+    p.add_argument("--log-every", type=_positive_int, default=10)
     p.add_argument("--preset", default="auto", choices=["ct", "mr", "auto"], help="intensity preset")
-    p.add_argument("--spacing", type=float, default=1.0, help="resampling spacing in mm")
+    p.add_argument("--spacing", type=_positive, default=1.0, help="resampling spacing in mm")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "text", "json"])
 
 
 def _refine_options(p: argparse.ArgumentParser):
     from .refine import SIMILARITIES, RefineOptions
-    p.add_argument("--refine-iters", type=int, default=RefineOptions.iterations,
+    p.add_argument("--refine-iters", type=_count, default=RefineOptions.iterations,
                    help="optimiser steps of the refinement on the pair, on its coarsest level (finer levels "
                         f"get fewer); 0 = the network's answer only (default {RefineOptions.iterations})")
     p.add_argument("--similarity", default="lncc", choices=list(SIMILARITIES),
                    help="refinement similarity: lncc (local NCC, same modality) or mind (MIND-SSC, CT<->MR)")
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--time-budget", type=_positive, default=None, metavar="SECONDS",
                    help="stop the refinement after this many seconds and keep what it reached")
     p.add_argument("--refine-tolerance", type=float, default=None, metavar="LOSS",
                    help="end a refinement stage once its loss improved by less than this over "
@@ -59,30 +127,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="self-supervised GVSL pre-training")
     p.add_argument("--data", required=True, help="folder (recursive) or text file listing volumes")
     _common_run(p, iters=10000, batch=1, lr=1e-4, patch="128")
-    p.add_argument("--width", type=float, default=1.0, help="channel width factor (1.0 = official)")
+    p.add_argument("--width", type=_positive, default=1.0, help="channel width factor (1.0 = official)")
     p.add_argument("--cache-dir", default=None, help="preprocessed-volume cache (default RUN/cache)")
     p.add_argument("--init", default=None, help="start from these weights (ours or official)")
     p.add_argument("--no-augment", action="store_true", help="train on raw crops (debugging)")
-    p.add_argument("--known-pairs", type=float, default=0.0, metavar="FRACTION",
+    p.add_argument("--known-pairs", type=_fraction, default=0.0, metavar="FRACTION",
                    help="fraction of steps on known-transform pairs generated on the fly (real crops under a "
                         "random affine + elastic transform, synthetic label maps, random contrasts), supervised "
                         "by the known field; 0 = GVSL's two-volume pairs only (default)")
     p.add_argument("--matching", default="official", choices=["official", "correlation"],
                    help="Z-matching head: official (affine regressed from the bottleneck) or correlation "
                         "(soft-argmax of stride-4 feature similarity, affine fitted to it; see gvsl.network)")
-    p.add_argument("--field-weight", type=float, default=1.0,
+    p.add_argument("--field-weight", type=_non_negative, default=1.0,
                    help="weight of the known-field loss on those pairs (default 1)")
 
     p = sub.add_parser("match", help="match a pair of volumes in physical space")
-    p.add_argument("fixed")
-    p.add_argument("moving")
+    p.add_argument("fixed", help="volume file, DICOM folder, or FOLDER::SERIES_UID for one series of a folder")
+    p.add_argument("moving", help="as fixed")
     p.add_argument("--out", required=True)
     p.add_argument("--checkpoint", default=None, help="weights (default: the shipped demo model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--preset", default="auto", choices=["ct", "mr", "auto"])
-    p.add_argument("--spacing", type=float, default=None,
+    p.add_argument("--spacing", type=_positive, default=None,
                    help="working-grid spacing in mm (default: the model's training spacing, else 1)")
-    p.add_argument("--max-size", type=int, default=None,
+    p.add_argument("--max-size", type=_positive_int, default=None,
                    help="cap on the working grid's longest side (default: the model's patch size, else 128)")
     p.add_argument("--points", default=None, help="CSV or JSON of LPS points (x,y,z[,image])")
     p.add_argument("--no-report", action="store_true")
@@ -106,11 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default="scratch", help="checkpoint (ours or official) or 'scratch'")
     p.add_argument("--mode", default="full", choices=["full", "linear"])
     p.add_argument("--classes", default=None, help="comma-separated class names for labels 1..K")
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--val-fraction", type=_fraction_below_one, default=0.2)
     p.add_argument("--val-images", default=None)
     p.add_argument("--val-labels", default=None)
-    p.add_argument("--val-every", type=int, default=100)
-    p.add_argument("--width", type=float, default=None, help="width for --init scratch (default 1.0)")
+    p.add_argument("--val-every", type=_positive_int, default=100)
+    p.add_argument("--width", type=_positive, default=None, help="width for --init scratch (default 1.0)")
     p.add_argument("--cache-dir", default=None)
 
     p = sub.add_parser("export", help="copy a checkpoint without its optimizer state (to share or ship)")
@@ -118,12 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target")
 
     p = sub.add_parser("segment", help="segment a volume with a fine-tuned checkpoint")
-    p.add_argument("image")
+    p.add_argument("image", help="volume file, DICOM folder, or FOLDER::SERIES_UID for one series of a folder")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="output label map (.nii.gz, .nrrd, ...)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--overlap", type=float, default=0.5)
-    p.add_argument("--window-batch", type=int, default=None,
+    p.add_argument("--overlap", type=_overlap, default=0.5)
+    p.add_argument("--window-batch", type=_positive_int, default=None,
                    help="sliding windows per forward pass (default: about 128^3 voxels on a CPU, 8 x on a GPU)")
     _precision(p)
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "text", "json"])

@@ -56,6 +56,71 @@ def _dicom_series(folder: Path) -> List[str]:
         return []
 
 
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")  # .IMA: Siemens
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """A DICOM file by its name or, for names like UIDs (``1.2.840...``) or none, by the
+    ``DICM`` marker after its 128-byte preamble."""
+    if path.name.lower().endswith(DICOM_SUFFIXES):
+        return True
+    if is_volume_file(path) or path.name.startswith("."):
+        return False
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
+
+
+def _has_dicom_files(folder: Path, files: Sequence[str], probe: int = 32) -> bool:
+    candidates = [f for f in files if not is_volume_file(folder / f)]
+    return any(_is_dicom_file(folder / f) for f in candidates[:probe])
+
+
+def dicom_series_table(folder) -> List[Tuple[str, str, int]]:
+    """(series UID, description, number of files) of every DICOM series in ``folder``."""
+    table = []
+    for uid in _dicom_series(Path(folder)):
+        names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+        description = ""
+        try:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(names[0])
+            reader.ReadImageInformation()
+            for key in ("0008|103e", "0020|0011"):  # series description, series number
+                if reader.HasMetaDataKey(key) and reader.GetMetaData(key).strip():
+                    description = reader.GetMetaData(key).strip()
+                    description = description if key == "0008|103e" else f"series {description}"
+                    break
+        except (RuntimeError, IndexError):
+            pass
+        table.append((uid, description, len(names)))
+    return table
+
+
+def _describe_series(folder, table) -> str:
+    return "; ".join(f"{folder}::{uid} ({description or 'no description'}, {count} files)"
+                     for uid, description, count in table)
+
+
+def single_series(path) -> str:
+    """``path`` itself, or for a DICOM folder ``folder::series_uid`` of its one series. A
+    folder of several series is refused with their list: taking the first would silently
+    match or segment the wrong scan."""
+    path = str(path)
+    if "::" in path or not os.path.isdir(path):
+        return path
+    table = dicom_series_table(path)
+    if not table:
+        raise InputError(f"{path}: folder holds no DICOM series")
+    if len(table) > 1:
+        raise InputError(f"{path}: holds {len(table)} DICOM series; choose one by giving FOLDER::SERIES_UID "
+                         f"instead of the folder: {_describe_series(path, table)}")
+    return f"{path}::{table[0][0]}"
+
+
 def find_volumes(source) -> List[str]:
     """Volumes under a folder (recursive; DICOM series folders count as one volume per
     series, written ``folder::series_uid``) or listed in a text file (one path a line,
@@ -77,7 +142,7 @@ def find_volumes(source) -> List[str]:
     for folder, _dirs, files in sorted(os.walk(source)):
         folder = Path(folder)
         found += [str(folder / f) for f in sorted(files) if is_volume_file(folder / f)]
-        if any(f.lower().endswith(".dcm") or "." not in f for f in files):
+        if _has_dicom_files(folder, files):
             found += [f"{folder}::{uid}" for uid in _dicom_series(folder)]
     return found
 
@@ -90,19 +155,30 @@ def read_image(path, check: bool = True) -> sitk.Image:
     try:
         if "::" in path:
             folder, uid = path.split("::", 1)
+            names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid) if os.path.isdir(folder) else ()
+            if not names:
+                table = dicom_series_table(folder) if os.path.isdir(folder) else []
+                raise InputError(f"{path}: no DICOM series {uid!r} in {folder}"
+                                 f"{'; it holds ' + _describe_series(folder, table) if table else ''}")
             reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
+            reader.SetFileNames(names)
             image = reader.Execute()
         elif os.path.isdir(path):
-            series = _dicom_series(Path(path))
-            if not series:
-                raise InputError(f"{path}: folder holds no DICOM series")
-            return read_image(f"{path}::{series[0]}", check)
+            return read_image(single_series(path), check)
         else:
             if not os.path.exists(path):
                 raise InputError(f"{path}: file not found")
             image = sitk.ReadImage(path)
             check_complete(path)
+            if path.lower().endswith(NIFTI_SUFFIXES) and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64) \
+                    and not sitk.GetArrayViewFromImage(image).all():  # ITK reads NaN as 0: look for them
+                nan = nifti_nan_mask(path)
+                if nan is not None and nan.size == image.GetNumberOfPixels():
+                    array = sitk.GetArrayFromImage(image)
+                    array.reshape(-1)[nan] = np.nan  # as the file says, for check_image to judge
+                    restored = sitk.GetImageFromArray(array, isVector=False)
+                    restored.CopyInformation(image)
+                    image = restored
     except InputError:
         raise
     except RuntimeError as exc:
@@ -179,6 +255,36 @@ def nifti_shortfall(path: str, require_header: bool = False) -> Optional[str]:
         return (f"the header declares {declared} bytes, the file holds {present}"
                 f"{' and its compressed stream ends early' if cut else ''}")
     return None
+
+
+def nifti_nan_mask(path: str) -> Optional[np.ndarray]:
+    """Where a float NIfTI file holds NaN (flat, in file order = ITK's buffer order), or None
+    when it holds none or is not a float NIfTI. ITK's NIfTI reader turns NaN into 0, so
+    without this an all-NaN volume reads as "every voxel is 0" and holes become zeros."""
+    compressed = path.lower().endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as handle:
+            header = handle.read(544)
+            for order in ("<", ">"):
+                if struct.unpack(order + "i", header[:4])[0] == 348:
+                    datatype = struct.unpack(order + "h", header[70:72])[0]
+                    offset = max(int(struct.unpack(order + "f", header[108:112])[0]), 352)
+                    break
+                if struct.unpack(order + "i", header[:4])[0] == 540:
+                    datatype = struct.unpack(order + "h", header[12:14])[0]
+                    offset = max(struct.unpack(order + "q", header[168:176])[0], 544)
+                    break
+            else:
+                return None
+            dtype = {16: "f4", 64: "f8"}.get(datatype)
+            if dtype is None:
+                return None
+            handle.seek(offset)
+            values = np.frombuffer(handle.read(), dtype=np.dtype(order + dtype))
+    except (OSError, EOFError, zlib.error, struct.error):
+        return None
+    mask = np.isnan(values)
+    return mask if mask.any() else None
 
 
 def check_complete(path: str):
@@ -275,7 +381,10 @@ def check_image(image: sitk.Image, name: str = "<image>") -> sitk.Image:
         if not finite.any():
             raise InputError(f"{name}: holds no finite value (NaN/inf everywhere)")
         if not finite.all():
-            fixed = np.where(finite, array, array[finite].min()).astype(array.dtype)
+            low = array[finite].min()
+            warn_input(f"{name}: {int((~finite).sum())} of {finite.size} voxels are NaN or infinite; they are "
+                       f"treated as the volume's minimum ({float(low):g})")
+            fixed = np.where(finite, array, low).astype(array.dtype)
             clean = sitk.GetImageFromArray(fixed)
             clean.CopyInformation(image)
             image = clean
@@ -328,15 +437,30 @@ def fitting_grid(images: Sequence[sitk.Image], spacing_mm: float = 1.0, max_size
     refused: what remains of it is a line or a sheet, and every measure on it is noise."""
     own_extents = [Grid.of(im).physical_extent() for im in images]
     extents = np.max(own_extents, axis=0)  # LPS mm (x, y, z)
+    asked = spacing_mm
     if max_size is not None:
         spacing_mm = max(spacing_mm, float(extents.max()) / max_size)
+
+    def name_of(k):
+        return names[k] if names else ("fixed image", "moving image")[k] if len(images) == 2 else f"image {k}"
+
+    widest = int(np.argmax([float(np.max(e)) for e in own_extents]))
     for k, extent in enumerate(own_extents):
         if float(np.min(extent)) / spacing_mm < MIN_WORKING_VOXELS:
-            name = names[k] if names else ("fixed image", "moving image")[k] if len(images) == 2 else f"image {k}"
-            raise InputError(f"{name}: covers {' x '.join(f'{e:.1f}' for e in extent)} mm, only "
-                             f"{float(np.min(extent)) / spacing_mm:.1f} voxels across on the {spacing_mm:.2f}-mm "
-                             f"isotropic working grid (at least {MIN_WORKING_VOXELS} are needed); a volume this "
-                             f"thin has no 3D structure to match (check its spacing)")
+            message = (f"{name_of(k)}: covers {' x '.join(f'{e:.1f}' for e in extent)} mm, only "
+                       f"{float(np.min(extent)) / spacing_mm:.1f} voxels across on the {spacing_mm:.2f}-mm "
+                       f"isotropic working grid (at least {MIN_WORKING_VOXELS} are needed)")
+            if spacing_mm > asked + 1e-9 and widest != k and \
+                    float(np.min(extent)) / asked >= MIN_WORKING_VOXELS:
+                # Not this image's fault: the other one's extent made the common grid this coarse.
+                wide = own_extents[widest]
+                raise InputError(f"{name_of(widest)}: spans {' x '.join(f'{e:.1f}' for e in wide)} mm, so the "
+                                 f"working grid (at most {max_size} voxels a side) coarsens to {spacing_mm:.2f} mm, "
+                                 f"on which {name_of(k)} ({' x '.join(f'{e:.1f}' for e in extent)} mm) is only "
+                                 f"{float(np.min(extent)) / spacing_mm:.1f} voxels across (at least "
+                                 f"{MIN_WORKING_VOXELS} are needed); check {name_of(widest)}'s spacing, or raise "
+                                 f"--max-size")
+            raise InputError(message + "; a volume this thin has no 3D structure to match (check its spacing)")
     size_xyz = np.ceil(extents / spacing_mm / multiple).astype(int) * multiple
     if max_size is not None:
         size_xyz = np.minimum(size_xyz, max(multiple, (max_size // multiple) * multiple))

@@ -70,23 +70,50 @@ def _stem(path: str) -> str:
 
 
 def pair_images_and_labels(images, labels) -> List[Tuple[str, str]]:
-    """Pair by file name (``case1.nii.gz`` with ``case1.nii.gz`` or ``case1_seg...``), else
-    by order when both lists have the same length."""
+    """Pair by file name (``case1.nii.gz`` with ``case1.nii.gz`` or ``case1_seg...``); by
+    order only when no name pairs at all and both lists have the same length. When some
+    names pair and others do not, the unmatched files are named: pairing the rest by order
+    would silently give images the wrong label maps."""
+    from .data import warn_input
     image_paths, label_paths = find_volumes(images), find_volumes(labels)
     if not image_paths:
         raise InputError(f"{images}: no images found")
+    if not label_paths:
+        raise InputError(f"{labels}: no label maps found")
     by_stem = {_stem(p): p for p in label_paths}
     pairs = []
     for image in image_paths:
         stem = _stem(image)
         match = by_stem.get(stem) or next((p for s, p in by_stem.items() if s.startswith(stem + "_")), None)
         pairs.append((image, match))
-    if all(label for _, label in pairs):
+    matched = [label for _, label in pairs if label]
+    if len(matched) == len(pairs):
         return pairs
-    if len(image_paths) == len(label_paths):
+    if not matched and len(image_paths) == len(label_paths):
+        warn_input(f"{labels}: no label file name matches an image's, so images and labels are paired by "
+                   f"order ({Path(image_paths[0].split('::')[0]).name} with {Path(label_paths[0]).name}, ...); "
+                   f"name them alike (case1.nii.gz and case1.nii.gz or case1_seg.nii.gz) to be sure")
         return list(zip(image_paths, label_paths))
-    missing = [image for image, label in pairs if label is None]
-    raise InputError(f"{labels}: no label map for {', '.join(missing[:3])} (pairing by file name or by order)")
+    missing = [Path(image.split("::")[0]).name for image, label in pairs if label is None]
+    unused = [Path(p.split("::")[0]).name for p in label_paths if p not in matched]
+    raise InputError(f"{labels}: no label map named like {len(missing)} image(s): {', '.join(missing[:5])}"
+                     f"{' ...' if len(missing) > 5 else ''}"
+                     f"{f'; label maps left unpaired: ' + ', '.join(unused[:5]) if unused else ''}"
+                     f"{' ...' if len(unused) > 5 else ''}; rename them to match (case1.nii.gz with case1.nii.gz "
+                     f"or case1_seg.nii.gz), or remove them")
+
+
+def check_resumed_classes(ckpt: dict, classes: List[str], named: bool, path) -> List[str]:
+    """The class names a resumed run goes on with: its own. Other names given with
+    ``--classes`` (or another count) are refused, not silently written into the checkpoint."""
+    saved = list(ckpt.get("classes") or [])
+    if not saved or saved == list(classes):
+        return list(classes)
+    if named or len(saved) != len(classes):
+        raise InputError(f"{path}: the run was started with classes {','.join(saved)}, this command gives "
+                         f"{','.join(classes)}; resume with --classes \"{','.join(saved)}\" (or without --classes), "
+                         f"or start a new run in another --out")
+    return saved
 
 
 def check_same_geometry(image: sitk.Image, label: sitk.Image, image_path: str, label_path: str):
@@ -335,11 +362,14 @@ def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
     optimizer = torch.optim.Adam(trainable, lr=cfg.lr)
     sampler = CropSampler(train_cases, cfg.patch, cfg.seed * 1000 + ddp.rank, cfg.foreground_crop_fraction)
     metrics = MetricsLog(run_dir / "metrics.jsonl" if ddp.is_main else None)
-    start_step, best_dice = 0, -1.0
+    start_step, best_dice = 0, None  # None (JSON null): nothing validated yet
     if cfg.resume and last.exists():
-        ckpt = resume_state(run_dir, model, optimizer, sampler, ddp, metrics, log)
+        ckpt = resume_state(run_dir, model, optimizer, sampler, ddp, metrics, log, lr=cfg.lr)
+        classes = check_resumed_classes(ckpt, classes, cfg.classes is not None, last)
         start_step = int(ckpt["step"])
-        best_dice = float(ckpt.get("best_val_dice", -1.0))
+        saved_best = ckpt.get("best_val_dice")
+        # Older runs wrote -1.0 for "never validated".
+        best_dice = float(saved_best) if saved_best is not None and float(saved_best) >= 0 else None
     else:
         metrics.set_aside(log)
     if ddp.is_main:
@@ -405,7 +435,7 @@ def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
                 # A class absent from every validation case has no Dice: null in the log, not NaN.
                 metrics.write(finite_or_none({"step": step, "val_dice": last_val, "val_mean_dice": mean}))
                 reporter.event("validation", **finite_or_none({"step": step, "dice": last_val, "mean_dice": mean}))
-                if mean > best_dice:
+                if np.isfinite(mean) and (best_dice is None or mean > best_dice):
                     best_dice = mean
                     save_atomic(payload(step, best_dice, gather=False), run_dir / "checkpoints" / "best.pt")
             if ddp.any_flag(stop.requested):
@@ -419,7 +449,13 @@ def _run(cfg: FinetuneConfig, ddp: Distributed, reporter: Reporter) -> dict:
     if ddp.is_main:
         path = write_checkpoint(run_dir, data, step, False)
         if not (run_dir / "checkpoints" / "best.pt").exists():
+            # No validation ran (no validation cases): best.pt is the final weights, marked
+            # unvalidated (best_val_dice null), so `--checkpoint best.pt` still works.
             save_atomic(data, run_dir / "checkpoints" / "best.pt")
+            if not val_cases:
+                log(f"no validation cases: {run_dir / 'checkpoints' / 'best.pt'} holds the final weights, not a "
+                    f"validated choice (best_val_dice null); give --val-images/--val-labels or a --val-fraction "
+                    f"that leaves at least one case to validate")
         reporter.event("checkpoint", step=step, path=str(path))
     summary = {"step": step, "total": cfg.iters, "stopped": stopped, "run_dir": str(run_dir),
                "best_val_dice": best_dice, "last_val_dice": last_val, "classes": classes,

@@ -60,18 +60,30 @@ class Mapping:
         coords = points.apply(sample_matrix(self.local.shape[2:]) @ to_local)
         return F.grid_sample(self.local, coords, mode="bilinear", padding_mode="border", align_corners=True)
 
-    def displacement_slabs(self, grid: Grid, slab_voxels: int = DEFAULT_SLAB_VOXELS
-                           ) -> Iterator[Tuple[int, int, torch.Tensor]]:
-        """``T(x) - x`` on ``grid`` in LPS mm, as (d0, d1, tensor (d1-d0, H, W, 3) float32)."""
+    def displacement_bound(self, grid: Grid) -> float:
+        """An upper bound of ``|T(x) - x|`` (mm, any component) on ``grid``: the affine part
+        at the grid's corners plus the largest local displacement."""
+        corners = np.array([[d, h, w] for d in (0, grid.shape[0] - 1) for h in (0, grid.shape[1] - 1)
+                            for w in (0, grid.shape[2] - 1)], dtype=np.float64)
+        x = corners @ grid.voxel_to_physical()[:3, :3].T + grid.voxel_to_physical()[:3, 3]
+        affine = np.abs(x @ self.affine[:3, :3].T + self.affine[:3, 3] - x).max()
+        local = float(self.local.abs().max()) * float(np.abs(self.affine[:3, :3]).sum(1).max()) \
+            if self.local is not None else 0.0
+        return float(affine + local)
+
+    def displacement_slabs(self, grid: Grid, slab_voxels: int = DEFAULT_SLAB_VOXELS,
+                           dtype: torch.dtype = torch.float32) -> Iterator[Tuple[int, int, torch.Tensor]]:
+        """``T(x) - x`` on ``grid`` in LPS mm, as (d0, d1, tensor (d1-d0, H, W, 3) of ``dtype``):
+        float64 keeps sub-millimetre detail where the displacement is huge (images far apart)."""
         to_phys = grid.voxel_to_physical()
         # (A - I) x for x = M p is affine in p; the local part is L w.
         affine_part = (self.affine - np.eye(4)) @ to_phys
         linear = torch.from_numpy(self.affine[:3, :3].astype(np.float32))
         to_local = self.grid.physical_to_voxel() @ to_phys if self.local is not None else None
         for d0, d1, points in slab_points(grid, slab_voxels):
-            u = points.apply(affine_part)
+            u = points.apply(affine_part, dtype)
             if self.local is not None:
-                u = u + torch.einsum("ij,njdhw->ndhwi", linear, self._local_on(to_local, points))
+                u = u + torch.einsum("ij,njdhw->ndhwi", linear, self._local_on(to_local, points)).to(dtype)
             yield d0, d1, u[0]
 
     def warp_slabs(self, grid: Grid, moving: torch.Tensor, moving_grid: Grid, background: float = 0.0,
@@ -134,7 +146,7 @@ class Slab:
     def __init__(self, d0: int, d1: int, height: int, width: int):
         self.d0, self.d1, self.height, self.width = d0, d1, height, width
 
-    def apply(self, matrix: np.ndarray) -> torch.Tensor:
+    def apply(self, matrix: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A 4x4 (float64) affine of the voxel coordinates ``(d, h, w)``, evaluated on the
         slab: (1, d1-d0, H, W, 3) float32, channels last (what grid_sample takes). The map
         is separable, so it is three broadcast adds, not a per-voxel matrix product."""
@@ -142,6 +154,8 @@ class Slab:
         d = torch.arange(self.d0, self.d1, dtype=torch.float64).view(-1, 1, 1, 1) * m[:, 0]
         h = torch.arange(self.height, dtype=torch.float64).view(1, -1, 1, 1) * m[:, 1]
         w = torch.arange(self.width, dtype=torch.float64).view(1, 1, -1, 1) * m[:, 2]
+        if dtype == torch.float64:
+            return (d + m[:, 3] + h + w)[None]
         # The large per-plane offsets are summed in float64 before the cast to float32.
         return ((d + m[:, 3]).float() + (h.float() + w.float()))[None]
 

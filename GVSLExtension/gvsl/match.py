@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -185,7 +186,8 @@ class MatchResult:
             warped_working=state["warped_working"], moving_on_fixed_working=state["moving_on_fixed_working"])
 
     # ------------------------------------------------------------------- export
-    def save(self, out_dir, points: Sequence[dict] = (), report: bool = True) -> Dict[str, str]:
+    def save(self, out_dir, points: Sequence[dict] = (), report: bool = True,
+             also: Sequence[str] = ()) -> Dict[str, str]:
         """Write affine.tfm, displacement.nii.gz, warped.nii.gz, jacobian.nii.gz,
         metrics.json, heatmap_<k>.nii.gz + points.json and report.png.
 
@@ -226,6 +228,9 @@ class MatchResult:
                 from .report import match_report
                 files["report"] = stage.write_with("report.png", lambda tmp: match_report(self, answers, tmp))
             self.metrics.setdefault("seconds", {})["export"] = time.perf_counter() - t0
+            # What this result consists of (``also``: files written after it, e.g. state.npz),
+            # so that a later run into the same folder removes exactly these and nothing else.
+            self.metrics["outputs"] = sorted({final.name for _, final in stage.staged} | {"metrics.json", *also})
             files["metrics"] = stage.write_json("metrics.json", self.metrics)
         return {k: str(v) for k, v in files.items()}
 
@@ -401,16 +406,25 @@ def _itk_affine(matrix: np.ndarray) -> sitk.AffineTransform:
     return transform
 
 
-def _assemble(slabs, shape, components: int = 0) -> np.ndarray:
-    out = np.empty(tuple(shape) + ((components,) if components else ()), dtype=np.float32)
+def _assemble(slabs, shape, components: int = 0, dtype=np.float32) -> np.ndarray:
+    out = np.empty(tuple(shape) + ((components,) if components else ()), dtype=dtype)
     for d0, d1, values in slabs:
         out[d0:d1] = values.numpy()
     return out
 
 
+# float32 vectors resolve a displacement of size |u| to about |u| * 2^-24: where that is
+# coarser than this, the field is written as float64 (images far apart, e.g. an origin of 1e8 mm).
+DISPLACEMENT_RESOLUTION_MM = 0.01
+
+
 def displacement_image(mapping: Mapping, grid: Grid) -> sitk.Image:
-    """ITK displacement field (LPS mm, float32 vectors) of the whole mapping on ``grid``."""
-    image = sitk.GetImageFromArray(_assemble(mapping.displacement_slabs(grid), grid.shape, 3), isVector=True)
+    """ITK displacement field (LPS mm) of the whole mapping on ``grid``: float32 vectors, or
+    float64 where float32 could not hold them to ``DISPLACEMENT_RESOLUTION_MM``."""
+    wide = mapping.displacement_bound(grid) * 2.0 ** -24 > DISPLACEMENT_RESOLUTION_MM
+    dtype = (torch.float64, np.float64) if wide else (torch.float32, np.float32)
+    image = sitk.GetImageFromArray(_assemble(mapping.displacement_slabs(grid, dtype=dtype[0]), grid.shape, 3,
+                                             dtype=dtype[1]), isVector=True)
     return grid.apply_to(image)
 
 
@@ -446,65 +460,141 @@ def jacobian_determinant(displacement: sitk.Image) -> sitk.Image:
 # ----------------------------------------------------------------------------- CLI
 
 
-def read_points(path, grids: Optional[dict] = None) -> List[dict]:
-    """Query points: CSV rows ``x,y,z[,image]`` or JSON ``[{"point": [x,y,z], "image": ...}]``
-    in LPS mm (add ``"space": "RAS"`` in JSON for Slicer coordinates). Each point must have
-    three finite coordinates and, given ``grids`` ({"fixed": Grid, "moving": Grid}, e.g. from
-    :func:`gvsl.data.image_grid`), lie inside the image it is placed on; errors name the
-    CSV row or JSON item."""
+POINT_SPACES = ("LPS", "RAS")
+# Slicer's markups fiducial CSV: "# CoordinateSystem = RAS|LPS", or 0 (RAS) / 1 (LPS) in older files.
+FCSV_SPACES = {"RAS": "RAS", "LPS": "LPS", "0": "RAS", "1": "LPS"}
+
+
+def _point_space(value, where: str) -> str:
+    space = str(value).strip().upper()
+    if space not in POINT_SPACES:
+        raise InputError(f"{where}: unknown coordinate space {value!r}; use \"LPS\" (files, ITK) or \"RAS\" (Slicer)")
+    return space
+
+
+def _json_coordinates(value, where: str) -> np.ndarray:
+    """Three plain JSON numbers (not booleans, not strings)."""
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise InputError(f"{where}: coordinates {value!r} are not numbers (expected [x, y, z])")
+    return np.asarray(value, dtype=float).reshape(-1)
+
+
+def _read_json_points(path: Path, text: str) -> List[dict]:
     from .conventions import ras_to_lps
+    try:
+        items = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    space = "LPS"
+    if isinstance(items, dict) and "points" in items:
+        space = _point_space(items.get("space", "LPS"), f"{path}: \"space\"")
+        items = items["points"]
+    if not isinstance(items, list):
+        raise InputError(f"{path}: expected a JSON list of points, or {{\"space\": ..., \"points\": [...]}}")
+    points = []
+    for k, item in enumerate(items):
+        where = f"item {k + 1}"
+        if isinstance(item, (list, tuple)):
+            item = {"point": item}
+        if not isinstance(item, dict) or "point" not in item:
+            raise InputError(f"{path} {where}: expected {{\"point\": [x, y, z]}} or [x, y, z]")
+        p = _json_coordinates(item["point"], f"{path} {where}")
+        if _point_space(item.get("space", space), f"{path} {where}") == "RAS" and p.size == 3:
+            p = ras_to_lps(p)
+        points.append({"point": p.tolist(), "image": item.get("image", "fixed"), "where": where})
+    return points
+
+
+def _number(text: str, decimal_comma: bool) -> float:
+    if decimal_comma:
+        text = text.replace(",", ".")
+    return float(text)
+
+
+def _read_csv_points(path: Path, text: str) -> List[dict]:
+    """Rows ``x,y,z[,image]`` (LPS) with an optional header; ``;`` or tab separators (with
+    decimal commas after ``;``); Slicer's ``.fcsv`` (``# CoordinateSystem`` comment, columns
+    id,x,y,z,...)."""
+    from .conventions import ras_to_lps
+    lines = text.splitlines()
+    fcsv = path.suffix.lower() == ".fcsv" or any(ln.startswith("# Markups fiducial file") for ln in lines[:3])
+    space, columns = "LPS", None
+    if fcsv:
+        space = "RAS"  # Slicer's default before files said otherwise
+        for ln in lines:
+            if not ln.startswith("#"):
+                continue
+            key, _, value = ln[1:].partition("=")
+            if key.strip().lower() == "coordinatesystem":
+                if value.strip().upper() not in FCSV_SPACES:
+                    raise InputError(f"{path}: unknown CoordinateSystem {value.strip()!r} (expected RAS, LPS, 0 or 1)")
+                space = FCSV_SPACES[value.strip().upper()]
+            elif key.strip().lower() == "columns":
+                columns = [c.strip().lower() for c in value.split(",")]
+    data_lines = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    delimiter = ","
+    if data_lines and not fcsv:
+        sample = data_lines[0]
+        if ";" in sample:
+            delimiter = ";"
+        elif "\t" in sample and "," not in sample:
+            delimiter = "\t"
+    decimal_comma = delimiter == ";"
+    first = 1 if fcsv else 0  # an .fcsv row starts with its id
+    if columns and all(c in columns for c in ("x", "y", "z")):
+        first = columns.index("x")
+    points, seen_data = [], False
+    for number, row in enumerate(csv.reader(lines, delimiter=delimiter), start=1):
+        if not row or not "".join(row).strip() or row[0].strip().startswith("#"):
+            continue
+        where = f"row {number}"
+        values = [v.strip() for v in row]
+        numeric = []
+        for v in values[first:first + 3]:
+            try:
+                numeric.append(_number(v, decimal_comma))
+            except ValueError:
+                break
+        if not seen_data and len(numeric) == 0:
+            continue  # a header line such as "x,y,z,image"
+        seen_data = True
+        if len(numeric) < 3:
+            got = len(numeric) if len(numeric) == len(values[first:first + 3]) else f"{values[first:first + 3]!r}"
+            raise InputError(f"{path} {where}: needs 3 numbers x,y,z{'' if fcsv else '[,image]'}, got {got}")
+        point = ras_to_lps(numeric).tolist() if space == "RAS" else numeric
+        image = "fixed" if fcsv else (values[3] if len(values) > 3 else "fixed") or "fixed"
+        points.append({"point": point, "image": image, "where": where})
+    return points
+
+
+def read_points(path, grids: Optional[dict] = None) -> List[dict]:
+    """Query points, LPS mm unless the file says otherwise:
+
+    * CSV rows ``x,y,z[,image]`` (optional header; ``;`` or tab separators also work);
+    * Slicer's markups ``.fcsv`` (in the ``# CoordinateSystem`` it declares, RAS or LPS);
+    * JSON ``[{"point": [x,y,z], "image": ...}]`` or ``{"space": "RAS", "points": [...]}``
+      (``"space"`` per item too: "LPS" or "RAS", for Slicer coordinates).
+
+    Each point must have three finite coordinates and, given ``grids`` ({"fixed": Grid,
+    "moving": Grid}, e.g. from :func:`gvsl.data.image_grid`), lie inside the image it is
+    placed on; a file that gives no point is refused. Errors name the CSV row or JSON item."""
     from .data import check_points
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: points file not found")
-    points = []
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read points ({exc})") from None
     if path.suffix.lower() == ".json":
-        try:
-            items = json.loads(text)
-        except ValueError as exc:
-            raise InputError(f"{path}: not valid JSON ({exc})") from None
-        if isinstance(items, dict) and "points" in items:
-            items = items["points"]
-        if not isinstance(items, list):
-            raise InputError(f"{path}: expected a JSON list of points")
-        for k, item in enumerate(items):
-            where = f"item {k + 1}"
-            if isinstance(item, (list, tuple)):
-                item = {"point": item}
-            if not isinstance(item, dict) or "point" not in item:
-                raise InputError(f"{path} {where}: expected {{\"point\": [x, y, z]}} or [x, y, z]")
-            try:
-                p = np.asarray(item["point"], dtype=float).reshape(-1)
-            except (TypeError, ValueError):
-                raise InputError(f"{path} {where}: coordinates {item['point']!r} are not numbers") from None
-            if str(item.get("space", "LPS")).upper() == "RAS" and p.size == 3:
-                p = ras_to_lps(p)
-            points.append({"point": p.tolist(), "image": item.get("image", "fixed"), "where": where})
+        points = _read_json_points(path, text)
     else:
-        seen_data = False
-        for number, row in enumerate(csv.reader(text.splitlines()), start=1):
-            if not row or not "".join(row).strip() or row[0].strip().startswith("#"):
-                continue
-            where = f"row {number}"
-            values = [v.strip() for v in row]
-            numeric = []
-            for v in values[:3]:
-                try:
-                    numeric.append(float(v))
-                except ValueError:
-                    break
-            if not seen_data and len(numeric) == 0:
-                continue  # a header line such as "x,y,z,image"
-            seen_data = True
-            if len(numeric) < 3:
-                got = len(numeric) if len(numeric) == len(values[:3]) else f"{values[:3]!r}"
-                raise InputError(f"{path} {where}: needs 3 numbers x,y,z[,image], got {got}")
-            points.append({"point": numeric, "image": (values[3] if len(values) > 3 else "fixed") or "fixed",
-                           "where": where})
+        points = _read_csv_points(path, text)
+    if not points:
+        what = "is empty" if not text.strip() else "holds no point"
+        raise InputError(f"{path}: {what}; expected rows x,y,z[,image] (LPS mm), a Slicer .fcsv, or a JSON list "
+                         f"of points")
     checked = check_points(points, grids or {}, str(path))
     return [{"point": p["point"], "image": p["image"]} for p in checked]
 
@@ -518,6 +608,46 @@ def summary_line(m: dict) -> str:
                  f"start: {r['start']}, {r['seconds']:.1f} s{', time budget reached' if r.get('stopped_by_time_budget') else ''})")
     return (text + f"; folding {100 * m['folding_fraction']:.3f} %; working grid {m['working_grid']['shape_dhw']} "
             f"at {m['working_grid']['spacing_mm']:.2f} mm")
+
+
+# What `gvsl match` writes; a result folder from before metrics.json listed its "outputs"
+# is cleaned by these names (and only when its metrics.json says it is a match result).
+_MATCH_OUTPUT = re.compile(r"(affine\.tfm|(network_)?displacement\.nii\.gz|warped\.nii\.gz|jacobian\.nii\.gz|"
+                           r"heatmap_\d+\.nii\.gz|points\.json|report\.png|metrics\.json|state\.npz)")
+
+
+def previous_outputs(out) -> List[str]:
+    """The files an earlier ``gvsl match`` wrote into ``out`` (names only)."""
+    metrics = Path(out) / "metrics.json"
+    try:
+        previous = json.loads(metrics.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(previous, dict) or "local_ncc_stages" not in previous:
+        return []  # not a match result: touch nothing
+    listed = previous.get("outputs")
+    if isinstance(listed, list):
+        names = [n for n in listed if isinstance(n, str)]
+    else:
+        names = [p.name for p in Path(out).iterdir() if p.is_file()]
+    return sorted(n for n in names if _MATCH_OUTPUT.fullmatch(n) and (Path(out) / n).is_file())
+
+
+def remove_previous_outputs(out, previous: Sequence[str], kept: Sequence[str], log) -> List[str]:
+    """Remove what the previous result had and this one does not (its points.json,
+    heatmaps, report, state): the folder then holds one result, not a mix of two."""
+    removed = []
+    for name in previous:
+        if name not in kept:
+            try:
+                (Path(out) / name).unlink()
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    if removed:
+        log(f"removed {len(removed)} file(s) of the previous result in {out} that this one does not have: "
+            f"{', '.join(removed[:8])}{' ...' if len(removed) > 8 else ''}")
+    return removed
 
 
 def match_cli(args):
@@ -544,9 +674,12 @@ def match_cli(args):
                                 refine_iters=args.refine_iters, similarity=args.similarity,
                                 time_budget_s=args.time_budget, precision=args.precision,
                                 refine_tolerance=args.refine_tolerance)
-            files = result.save(args.out, points, report=not args.no_report)
+            previous = previous_outputs(args.out)
+            files = result.save(args.out, points, report=not args.no_report,
+                                also=("state.npz",) if args.save_state else ())
             if args.save_state:
                 files["state"] = str(result.save_state(Path(args.out) / "state.npz"))
+            remove_previous_outputs(args.out, previous, result.metrics["outputs"], log)
         reporter.event("progress", step=4, total=4, stage="export", loss={}, eta_s=0.0)
         print(summary_line(result.metrics), flush=True)
         if result.metrics["refinement"].get("warning"):

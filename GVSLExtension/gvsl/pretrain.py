@@ -12,7 +12,7 @@ from .checkpoint import FORMAT, FORMAT_VERSION
 from .data import PairSampler, load_training_volumes
 from .losses import GVSLLoss, LossWeights
 from .network import GVSL
-from .runtime import (Distributed, EtaClock, MetricsLog, Reporter, StopFlag, check_finite_losses,
+from .runtime import (Distributed, EtaClock, MetricsLog, Reporter, StopFlag, check_finite_losses, check_training_patch,
                       error_events, gather_sampler_states, prepare_run_dir, resolve_precision, resume_state,
                       run_folder_lock, write_checkpoint)
 from .safe_io import finite_or_none, write_json_atomic
@@ -73,15 +73,27 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
     model = GVSL(width=cfg.width, matching=cfg.matching).to(device)
     if cfg.init:
         from .checkpoint import load_model
+        from .checkpoint import CheckpointError
         init = load_model(cfg.init)
+        if abs(float(init.width) - float(cfg.width)) > 1e-9:
+            raise CheckpointError(f"{cfg.init}: has width {init.width:g}, this run has --width {cfg.width:g}; "
+                                  f"pass --width {init.width:g} to start from these weights, or another --init")
         # Weights of another matching mode load too: only that mode's own parameters differ.
-        missing, unexpected = model.load_state_dict(init.state_dict(), strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(init.state_dict(), strict=False)
+        except RuntimeError as exc:
+            lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+            raise CheckpointError(f"{cfg.init}: does not fit this run's network ({len(lines) - 1} problems, first: "
+                                  f"{lines[1] if len(lines) > 1 else lines[0][:200]})") from None
         if any(not k.startswith("match_") for k in missing + unexpected):
-            model.load_state_dict(init.state_dict())  # the real error, with its message
+            odd = [k for k in missing + unexpected if not k.startswith("match_")]
+            raise CheckpointError(f"{cfg.init}: does not fit this run's network ({len(odd)} tensors missing or "
+                                  f"unexpected, e.g. {', '.join(odd[:3])})")
         log(init.load_report.summary())
     precision = resolve_precision(device, cfg.precision)
     precision.prepare(model)
     log(f"precision {precision.label} ({precision.reason})")
+    check_training_patch(cfg.patch, cfg.batch, cfg.width, model, device, precision, arrays, warn=log)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = precision.grad_scaler()
     sampler = PairSampler(arrays, cfg.patch, seed=cfg.seed * 1000 + ddp.rank)
@@ -93,7 +105,7 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
     last = run_dir / "checkpoints" / "last.pt"
     metrics = MetricsLog(run_dir / "metrics.jsonl" if ddp.is_main else None)
     if cfg.resume and last.exists():
-        ckpt = resume_state(run_dir, model, optimizer, sampler, ddp, metrics, log)
+        ckpt = resume_state(run_dir, model, optimizer, sampler, ddp, metrics, log, lr=cfg.lr)
         if ckpt.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
         start_step = int(ckpt["step"])
@@ -150,6 +162,15 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
             with precision.autocast():
                 output = net(a_input, b_input)
             loss, terms = criterion(output, a_target, truth)
+            if not torch.isfinite(loss.detach()):
+                # Diverged weights, or only the low-precision range (an fp16 overflow the scaler
+                # skips)? The same batch in fp32 decides, before the step can touch the weights.
+                check_loss, check_terms = loss, terms
+                if scaler.is_enabled():
+                    with torch.no_grad():
+                        check_loss, check_terms = criterion(net(a_input, b_input), a_target, truth)
+                check_finite_losses({**{k: float(v.detach()) for k, v in check_terms.items()},
+                                     "total": float(check_loss.detach())}, step + 1, run_dir)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -159,8 +180,6 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
             if step % cfg.log_every == 0 or step == cfg.iters or step == start_step + 1:
                 values = {k: float(v.detach()) for k, v in terms.items()}
                 values["total"] = float(loss.detach())
-                if not scaler.is_enabled():  # under fp16 GradScaler an inf loss is a skipped step, not divergence
-                    check_finite_losses(values, step, run_dir)
                 record = {"step": step, **values, "lr": optimizer.param_groups[0]["lr"],
                           "seconds_per_step": seconds, "samples_per_s": cfg.batch * ddp.world / seconds}
                 if scaler.is_enabled():  # a falling scale means steps skipped for non-finite gradients
@@ -177,6 +196,6 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
     checksums = ddp.parameter_checksums(model)
     summary = {"step": step, "total": cfg.iters, "stopped": stopped, "run_dir": str(run_dir),
                "checkpoint": str(last), "world_size": ddp.world, "rank_parameter_checksums": checksums,
-               "final_loss": {k: float(v.detach()) for k, v in terms.items()}}
+               "final_loss": finite_or_none({k: float(v.detach()) for k, v in terms.items()})}
     reporter.event("done", **summary)
     return summary

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -299,7 +300,8 @@ ARCHITECTURE_OPTIONS = {"width": "--width", "num_classes": "--classes (number of
                         "in_channels": "input channels"}
 
 
-def resume_state(run_dir: Path, model, optimizer, sampler, ddp: "Distributed", metrics: "MetricsLog", log):
+def resume_state(run_dir: Path, model, optimizer, sampler, ddp: "Distributed", metrics: "MetricsLog", log,
+                 lr: Optional[float] = None):
     """Load ``last.pt`` into model, optimizer and this rank's sampler; returns the checkpoint
     dict (its ``step`` is where training continues). A checkpoint of another architecture is
     one line naming the option, not torch's list of every mismatching tensor."""
@@ -324,12 +326,90 @@ def resume_state(run_dir: Path, model, optimizer, sampler, ddp: "Distributed", m
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{last}: its optimizer state does not fit this run ({str(exc)[:120]}); was the "
                               f"run started with another --mode?") from None
+    # The optimizer state brings the run's old learning rate; the command's --lr wins (the
+    # divergence message says "resume with a lower --lr").
+    for group in optimizer.param_groups:
+        group["lr"] = lr if lr is not None else group["lr"]
     states = ckpt.get("sampler_states") or []
     if ddp.rank < len(states):
         sampler.set_state(states[ddp.rank])
     metrics.truncate_after(int(ckpt["step"]), log=log)
     log(f"resumed {last} at step {int(ckpt['step'])}")
     return ckpt
+
+
+# Bytes that one training step of GVSL keeps per voxel of a patch, for backward, in fp32:
+# ACTIVATION_BYTES[0] + ACTIVATION_BYTES[1] * width, fitted to what torch saves for the backward
+# pass (saved-tensor hooks) at 16^3 and 32^3 patches, widths 0.25 (1800 B) and 1.0 (6190 B).
+ACTIVATION_BYTES = (340.0, 5850.0)
+
+
+def available_memory(device) -> Optional[int]:
+    """Bytes free for this process on ``device``: CUDA's free memory; on a CPU the smaller of
+    the system's MemAvailable and what the cgroup limit leaves; None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except RuntimeError:
+            return None
+    if device.type != "cpu":
+        return None
+    free = []
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    free.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, used_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                  ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                   "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = open(limit_file).read().strip()
+            used = int(open(used_file).read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:
+            free.append(max(0, int(limit) - used))
+        break
+    return min(free) if free else None
+
+
+def training_memory_estimate(patch, batch: int, width: float, parameters: int, low_precision: bool) -> float:
+    """Bytes one training step needs: saved activations (half in bf16/fp16 autocast, whose
+    convolutions keep 16-bit outputs) plus weights, gradients and Adam's two moments."""
+    per_voxel = ACTIVATION_BYTES[0] + ACTIVATION_BYTES[1] * width
+    voxels = float(np.prod([int(p) for p in patch])) * batch
+    return voxels * per_voxel * (0.5 if low_precision else 1.0) + 4.0 * 4.0 * parameters
+
+
+def check_training_patch(patch, batch: int, width: float, model, device, precision, arrays=(), warn=None):
+    """Refuse a ``--patch``/``--batch`` whose step cannot fit in the device's free memory
+    (the kernel's OOM killer would end the run without a word), suggesting a size that fits;
+    warn when the patch is larger than every training volume along an axis (mostly padding)."""
+    parameters = sum(p.numel() for p in model.parameters())
+    low = precision.autocast_dtype is not None
+    need = training_memory_estimate(patch, batch, width, parameters, low)
+    free = available_memory(device)
+    shown = "x".join(str(int(p)) for p in patch)
+    if free is not None and need > free:
+        side = 16
+        while training_memory_estimate([side + 16] * 3, batch, width, parameters, low) <= free:
+            side += 16
+        fits = training_memory_estimate([16] * 3, batch, width, parameters, low) <= free
+        advice = (f"--patch {side} fits (about {training_memory_estimate([side] * 3, batch, width, parameters, low) / 1e9:.1f} GB)"
+                  if fits else "not even --patch 16 fits; free memory or use a smaller --width")
+        raise MemoryError(f"--patch {shown} --batch {batch} at width {width:g} needs about {need / 1e9:.1f} GB for one "
+                          f"training step, {device} has {free / 1e9:.1f} GB free; {advice}")
+    if arrays and warn is not None:
+        largest = np.max([a.shape for a in arrays], axis=0)
+        if any(int(p) > int(s) for p, s in zip(patch, largest)):
+            warn(f"--patch {shown} is larger than every training volume along an axis (largest "
+                 f"{'x'.join(map(str, largest))} voxels after resampling): the crops are mostly padding; "
+                 f"a patch of at most {'x'.join(str(max(16, int(s) // 16 * 16)) for s in largest)} would do")
+    return need
 
 
 class TrainingDivergedError(RuntimeError):

@@ -62,18 +62,33 @@ def _incomplete_reason(folder) -> str:
         free = shutil.disk_usage(folder).free
     except OSError:
         free = 0
-    if free < 1 << 20:
+    if free < 16 << 20:
         return f"the disk is full ({_free_space(folder)} free in {folder})"
     return f"the write stopped early; {_free_space(folder)} free in {folder}"
+
+
+def interrupted_by_user(exc: BaseException) -> bool:
+    """True when ``exc`` is what a Ctrl-C turned into inside a writer: torch's zip writer,
+    interrupted in its Python write callback, raises "unexpected pos" with the
+    KeyboardInterrupt as its context."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 def write_failure_reason(exc: BaseException, folder) -> str:
     """What went wrong in plain words (not a torch or ITK internal)."""
     text = str(exc)
     errno_value = getattr(exc, "errno", None)
-    if errno_value == errno.ENOSPC or "No space left" in text or "unexpected pos" in text \
-            or "wrote only" in text or "fwrite" in text:
+    if errno_value == errno.ENOSPC or "No space left" in text:
         return f"the disk is full ({_free_space(folder)} free in {folder})"
+    if "unexpected pos" in text or "wrote only" in text or "fwrite" in text:
+        # A short write without a reason: a full disk only if the disk is (nearly) full.
+        return _incomplete_reason(folder)
     if errno_value in (errno.EROFS,) or "Read-only file system" in text:
         return f"{folder} is on a read-only file system"
     if errno_value in (errno.EACCES, errno.EPERM) or "Permission denied" in text:
@@ -85,15 +100,21 @@ def write_failure_reason(exc: BaseException, folder) -> str:
 def check_writable_folder(folder, option: str = "--out") -> Path:
     """Create ``folder`` if needed and prove a file can be written there, before any work."""
     folder = Path(folder)
+    probe = folder / f"{TEMP_PREFIX}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f"{TEMP_PREFIX}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         with open(probe, "wb") as handle:
             handle.write(b"gvsl")
+            handle.flush()
+            os.fsync(handle.fileno())
         probe.unlink()
     except FileExistsError:
         raise ResultWriteError(f"{folder}: exists and is not a folder; choose another {option}") from None
     except OSError as exc:
+        try:  # a full disk creates the (empty) probe and then refuses its bytes: leave nothing behind
+            probe.unlink()
+        except OSError:
+            pass
         raise ResultWriteError(f"{folder}: cannot write there ({write_failure_reason(exc, folder)}); "
                                f"choose another {option}") from None
     return folder
@@ -244,6 +265,8 @@ class StagedFiles:
         except (ResultWriteError, NonFiniteError):
             raise
         except (OSError, RuntimeError, ValueError) as exc:
+            if interrupted_by_user(exc):
+                raise KeyboardInterrupt from None
             raise ResultWriteError(f"{final}: not written ({write_failure_reason(exc, self.folder)}); "
                                    f"the folder keeps its previous files") from None
         return final
@@ -432,10 +455,15 @@ class RunLock:
             self.log(f"took over {self.path}: its owner {_describe_owner(previous)} is no longer running")
         record = {"command": self.command, "pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())}
-        os.lseek(self._fd, 0, os.SEEK_SET)
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, (json.dumps(record) + "\n").encode("utf-8"))
-        os.fsync(self._fd)
+        try:
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            os.ftruncate(self._fd, 0)
+            os.write(self._fd, (json.dumps(record) + "\n").encode("utf-8"))
+            os.fsync(self._fd)
+        except OSError as exc:  # e.g. a disk already full: the lock file exists, its owner text does not
+            self.release()
+            raise ResultWriteError(f"{self.folder}: cannot write there ({write_failure_reason(exc, self.folder)}); "
+                                   f"choose another --out") from None
         return self
 
     def release(self):

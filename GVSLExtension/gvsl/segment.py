@@ -102,19 +102,35 @@ class WindowProgress:
         self.reporter.event("progress", step=done, total=total, loss={}, eta_s=eta, unit="windows")
 
 
+LABEL_MAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def check_label_map_name(out: Path):
+    """``--out`` must name an image file by its extension (the writer picks the format by
+    it): refused before the checkpoint is even read, not after the inference."""
+    if not out.name.lower().endswith(LABEL_MAP_SUFFIXES) or out.name.lower() in LABEL_MAP_SUFFIXES:
+        raise ValueError(f"--out {out}: not an image file name; end it with one of "
+                         f"{', '.join(LABEL_MAP_SUFFIXES)} (e.g. {out.with_name(out.name.split('.')[0] or 'seg')}.nii.gz)")
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give the label map's file name")
+
+
 def segment_cli(args):
     from .runtime import Reporter, error_events
     from .safe_io import StagedFiles, check_writable_folder
     reporter = Reporter(args.progress)
     with error_events(reporter):
         out = Path(args.out)
+        check_label_map_name(out)
         check_writable_folder(out.parent)  # before the work, not after it
+        from .data import single_series
+        image = single_series(args.image)  # a DICOM folder of several series is refused here
         segmenter = Segmenter.load(args.checkpoint, args.device, getattr(args, "precision", "auto"))
         patch = segmenter.preprocessing.get("patch", [128, 128, 128])
         reporter.event("start", step=0, total=0, device=str(segmenter.device), precision=segmenter.precision.as_dict())
         describe = (f"window {'x'.join(map(str, patch))} at the checkpoint's {segmenter.preprocessing.get('spacing', 1.0)} mm, "
                     f"overlap {args.overlap}, {segmenter.device} {segmenter.precision.label}")
-        labels = segmenter(args.image, overlap=args.overlap, window_batch=getattr(args, "window_batch", None),
+        labels = segmenter(image, overlap=args.overlap, window_batch=getattr(args, "window_batch", None),
                            on_windows=WindowProgress(reporter, describe))
         with StagedFiles(out.parent) as stage:  # the label map and its class list, complete or not at all
             stage.write_image(out.name, labels)
