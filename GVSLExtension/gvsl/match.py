@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -230,6 +230,10 @@ class MatchResult:
         return {k: str(v) for k, v in files.items()}
 
 
+class MatchStopped(Exception):
+    """A stop was requested before the network had answered: there is no result to keep."""
+
+
 def foreground_mask(normalized: np.ndarray) -> np.ndarray:
     """Otsu foreground of a [0, 1] volume (D, H, W)."""
     image = sitk.GetImageFromArray(normalized.astype(np.float32))
@@ -240,7 +244,8 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
                spacing_mm: Optional[float] = None, max_size: Optional[int] = None,
                max_field_voxels: int = DEFAULT_MAX_FIELD_VOXELS, progress=None,
                refine_iters: Optional[int] = None, similarity: str = "lncc",
-               time_budget_s: Optional[float] = None, precision: str = "auto") -> MatchResult:
+               time_budget_s: Optional[float] = None, precision: str = "auto",
+               stop: Optional[Callable[[], bool]] = None) -> MatchResult:
     """Match ``moving`` onto ``fixed`` (SimpleITK images or file paths) with a GVSL model
     (a module, a checkpoint path, or None for the shipped demo model), then refine the
     network's answer on the pair itself (:mod:`gvsl.refine`; ``refine_iters=0`` keeps the
@@ -248,14 +253,19 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
 
     ``spacing_mm`` and ``max_size`` default to the grid the model was trained on (its
     checkpoint's spacing and patch size), so the network sees what it learned from; for
-    weights without that record (the official ones) they default to 1 mm and 128."""
+    weights without that record (the official ones) they default to 1 mm and 128.
+
+    ``stop()`` (polled between stages and before every refinement step) returning True ends
+    the match early: before the network has answered it raises :class:`MatchStopped`;
+    during refinement the result keeps what refinement reached, as a time budget does."""
     from .checkpoint import load_model
     from .refine import SIMILARITIES, RefineOptions, refine_mapping
     from .runtime import pick_device, resolve_precision
 
     if similarity not in SIMILARITIES:
         raise ValueError(f"unknown similarity {similarity!r}; choose one of {', '.join(SIMILARITIES)}")
-    options = RefineOptions(similarity=similarity, time_budget_s=time_budget_s)
+    options = RefineOptions(similarity=similarity, time_budget_s=time_budget_s, stop=stop)
+    stopped = stop or (lambda: False)
     if refine_iters is not None:
         if refine_iters < 0:
             raise ValueError(f"refine_iters must be 0 (network only) or more, got {refine_iters}")
@@ -282,6 +292,8 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
     fixed_w = sitk.GetArrayFromImage(resample_to(fixed_norm, fixed_grid))
     moving_w = sitk.GetArrayFromImage(resample_to(moving_norm, moving_grid))
     seconds["load_resample"] = time.perf_counter() - t0
+    if stopped():
+        raise MatchStopped("stopped before the network ran")
     say("network", 0.2)
 
     t0 = time.perf_counter()
@@ -510,17 +522,18 @@ def summary_line(m: dict) -> str:
     if "refined" in stages:
         r = m["refinement"]
         text += (f" -> refined {stages['refined']:.3f} ({r['iterations']} steps, {r['similarity']}, "
-                 f"start: {r['start']}, {r['seconds']:.1f} s{', time budget reached' if r.get('stopped_by_time_budget') else ''})")
+                 f"start: {r['start']}, {r['seconds']:.1f} s{', time budget reached' if r.get('stopped_by_time_budget') else ''}"
+                 f"{', stopped on request' if r.get('stopped_by_request') else ''})")
     return (text + f"; folding {100 * m['folding_fraction']:.3f} %; working grid {m['working_grid']['shape_dhw']} "
             f"at {m['working_grid']['spacing_mm']:.2f} mm")
 
 
 def match_cli(args):
     from .data import image_grid
-    from .runtime import Reporter, error_events
+    from .runtime import Reporter, StopFlag, error_events
     from .safe_io import RunLock, check_writable_folder, remove_stale_temporaries
     reporter = Reporter(args.progress)
-    with error_events(reporter):
+    with error_events(reporter), StopFlag() as stop:
         reporter.event("start", step=0, total=4)
         # Everything that can be checked cheaply is checked before the network runs: the
         # output folder, the images' headers and the query points on them.
@@ -534,10 +547,15 @@ def match_cli(args):
             def progress(stage, fraction):
                 reporter.event("progress", step=int(fraction * 3), total=4, stage=stage, loss={}, eta_s=0.0)
 
-            result = match_pair(args.fixed, args.moving, args.checkpoint, device=args.device, preset=args.preset,
-                                spacing_mm=args.spacing, max_size=args.max_size, progress=progress,
-                                refine_iters=args.refine_iters, similarity=args.similarity,
-                                time_budget_s=args.time_budget, precision=args.precision)
+            try:
+                result = match_pair(args.fixed, args.moving, args.checkpoint, device=args.device,
+                                    preset=args.preset, spacing_mm=args.spacing, max_size=args.max_size,
+                                    progress=progress, refine_iters=args.refine_iters, similarity=args.similarity,
+                                    time_budget_s=args.time_budget, precision=args.precision,
+                                    stop=lambda: stop.requested)
+            except MatchStopped as exc:  # nothing to keep: exit 0, as a stopped training run does
+                reporter.event("done", stopped=True, files={}, message=str(exc))
+                return
             files = result.save(args.out, points, report=not args.no_report)
             if args.save_state:
                 files["state"] = str(result.save_state(Path(args.out) / "state.npz"))
@@ -545,4 +563,5 @@ def match_cli(args):
         print(summary_line(result.metrics), flush=True)
         if result.metrics["refinement"].get("warning"):
             print(f"warning: {result.metrics['refinement']['warning']}", file=sys.stderr, flush=True)
-        reporter.event("done", files=files, metrics={k: v for k, v in result.metrics.items() if k != "field_grid"})
+        reporter.event("done", files=files, stopped=bool(result.metrics["refinement"].get("stopped_by_request")),
+                       metrics={k: v for k, v in result.metrics.items() if k != "field_grid"})
