@@ -40,6 +40,11 @@ from .mapping import Mapping, local_jacobian_determinant, voxel_flow_to_lps
 
 ImageLike = Union[str, Path, sitk.Image]
 DEFAULT_MAX_FIELD_VOXELS = 1 << 24  # 16.7 M voxels: 400 MB as an ITK float64 vector field
+# What ``gvsl match --save-state`` writes for the Slicer panel, which must not compute it on
+# its main thread: the local part of the mapping on the moving grid (coarsened to this many
+# voxels, so that the grid transform stays light in Slicer), uncompressed so it reads fast.
+RESIDUAL_FILE = "residual_displacement.nrrd"
+RESIDUAL_MAX_VOXELS = 1 << 22
 
 
 def _as_image(image: ImageLike, name: str) -> sitk.Image:
@@ -94,6 +99,18 @@ class MatchResult:
     def physical_affine_matrix(self) -> np.ndarray:
         """4x4 LPS matrix of the answer's affine part (fixed point -> moving point)."""
         return self.mapping.affine
+
+    def residual_displacement(self, max_voxels: int = RESIDUAL_MAX_VOXELS) -> sitk.Image:
+        """The local part of the mapping on the moving image's grid (LPS mm, float32 vectors,
+        ITK resampling direction): ``r(y) = T(P^-1 y) - y``, so ``T = (id + r) o P`` with P
+        the affine part. A moving volume under a grid transform of ``r`` under a linear
+        transform of P is aligned to the fixed volume (what the Slicer panel builds)."""
+        grid = Grid.of(self.moving).coarsened(max_voxels)
+        inverse = np.linalg.inv(self.physical_affine_matrix())
+        y = grid.physical_points()
+        residual = self.map_points(y @ inverse[:3, :3].T + inverse[:3, 3]) - y
+        image = sitk.GetImageFromArray(residual.reshape(*grid.shape, 3).astype(np.float32), isVector=True)
+        return grid.apply_to(image)
 
     def map_points(self, fixed_points_lps, affine_only: bool = False, network: bool = False) -> np.ndarray:
         """Map fixed-space LPS points (K, 3) to moving-space LPS points (the network's own
@@ -155,9 +172,11 @@ class MatchResult:
         return path
 
     @staticmethod
-    def load_state(out_dir, fixed: sitk.Image, moving: sitk.Image) -> "MatchResult":
+    def load_state(out_dir, fixed: sitk.Image, moving: sitk.Image, read_fields: bool = True) -> "MatchResult":
         """A result written by ``gvsl match --save-state`` (the files of :meth:`save` plus
-        ``state.npz``), e.g. by a child process."""
+        ``state.npz``), e.g. by a child process. ``read_fields=False`` skips reading the
+        displacement, warped and Jacobian files (left None), for callers that need only
+        the mapping and the features (heatmaps, point mapping)."""
         out = Path(out_dir)
         state = np.load(out / "state.npz")
         grids = json.loads(str(state["grids"]))
@@ -176,8 +195,10 @@ class MatchResult:
         return MatchResult(
             fixed=fixed, moving=moving, fixed_grid=as_grid(grids["fixed"]), moving_grid=as_grid(grids["moving"]),
             voxel_affine=state["voxel_affine"], local_displacement=torch.from_numpy(state["local_displacement"]),
-            mapping=final, network_mapping=network, affine_transform=affine, displacement=sitk.ReadImage(str(out / "displacement.nii.gz")),
-            warped=sitk.ReadImage(str(out / "warped.nii.gz")), jacobian=sitk.ReadImage(str(out / "jacobian.nii.gz")),
+            mapping=final, network_mapping=network, affine_transform=affine,
+            displacement=sitk.ReadImage(str(out / "displacement.nii.gz")) if read_fields else None,
+            warped=sitk.ReadImage(str(out / "warped.nii.gz")) if read_fields else None,
+            jacobian=sitk.ReadImage(str(out / "jacobian.nii.gz")) if read_fields else None,
             metrics=json.loads(str(state["metrics"])),
             features={key[len("features_"):]: torch.from_numpy(state[key]).float()
                       for key in state.files if key.startswith("features_")},
@@ -558,7 +579,10 @@ def match_cli(args):
                 return
             files = result.save(args.out, points, report=not args.no_report)
             if args.save_state:
+                from .safe_io import StagedFiles
                 files["state"] = str(result.save_state(Path(args.out) / "state.npz"))
+                with StagedFiles(Path(args.out)) as stage:
+                    files["residual"] = str(stage.write_image(RESIDUAL_FILE, result.residual_displacement()))
         reporter.event("progress", step=4, total=4, stage="export", loss={}, eta_s=0.0)
         print(summary_line(result.metrics), flush=True)
         if result.metrics["refinement"].get("warning"):
