@@ -239,3 +239,17 @@ def test_failed_pip_install_message_names_packages_and_output():
 def test_engine_ready_checks_without_importing():
     assert dependencies.engine_ready() in (True, False)
     assert json.dumps(dependencies.missing_packages())  # plain strings
+
+
+# ------------------------------------------- issue 16 item 5: main-thread match import
+def test_importing_a_match_folder_reads_only_what_the_nodes_show_and_not_torch(tmp_path):
+    """benchmarks/panel_import.py on a small pair: the import (in a fresh interpreter) does
+    not import torch nor load the features, and the LPS flip of mrml_io is the engine's."""
+    from gvsl.conventions import LPS_TO_RAS, LPS_TO_RAS_4X4
+    np.testing.assert_array_equal(mrml_io.LPS_TO_RAS, LPS_TO_RAS)
+    np.testing.assert_array_equal(mrml_io.LPS_TO_RAS_4X4, LPS_TO_RAS_4X4)
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "panel_import.py"), "--size", "20x22x18",
+                          "--folder", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "torch imported by the import: False; features loaded: False" in out.stdout
+    assert "| importMatchFolder (main thread), total |" in out.stdout

@@ -86,8 +86,12 @@ def test_match_cli_stopped_during_refinement_saves_the_partial_result(pair, tiny
     assert done["stopped"] is True
     assert done["metrics"]["refinement"]["stopped_by_request"] is True
     out = tmp_path / "out"
-    for name in ("affine.tfm", "warped.nii.gz", "jacobian.nii.gz", "metrics.json", "state.npz"):
+    from gvsl.match import PANEL_IMAGE_FILES, RESIDUAL_FILE
+    for name in ("affine.tfm", "warped.nii.gz", "jacobian.nii.gz", "metrics.json", "state.npz", RESIDUAL_FILE,
+                 *PANEL_IMAGE_FILES.values()):  # --save-state: what the panel reads (issue 16 item 5)
         assert (out / name).is_file(), name
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nrrd"))),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz"))))
 
 
 def test_match_cli_stopped_before_the_network_exits_cleanly(pair, tiny_checkpoint, tmp_path, monkeypatch, capsys):

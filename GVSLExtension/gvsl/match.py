@@ -45,6 +45,9 @@ DEFAULT_MAX_FIELD_VOXELS = 1 << 24  # 16.7 M voxels: 400 MB as an ITK float64 ve
 # voxels, so that the grid transform stays light in Slicer), uncompressed so it reads fast.
 RESIDUAL_FILE = "residual_displacement.nrrd"
 RESIDUAL_MAX_VOXELS = 1 << 22
+# Uncompressed copies of warped.nii.gz and jacobian.nii.gz, also for the panel: inflating
+# the gzip files takes most of a second for a 256x256x300 pair on Slicer's main thread.
+PANEL_IMAGE_FILES = {"warped": "warped.nrrd", "jacobian": "jacobian.nrrd"}
 
 
 def _as_image(image: ImageLike, name: str) -> sitk.Image:
@@ -583,6 +586,8 @@ def match_cli(args):
                 files["state"] = str(result.save_state(Path(args.out) / "state.npz"))
                 with StagedFiles(Path(args.out)) as stage:
                     files["residual"] = str(stage.write_image(RESIDUAL_FILE, result.residual_displacement()))
+                    for key, name in PANEL_IMAGE_FILES.items():
+                        files[f"panel_{key}"] = str(stage.write_image(name, getattr(result, key)))
         reporter.event("progress", step=4, total=4, stage="export", loss={}, eta_s=0.0)
         print(summary_line(result.metrics), flush=True)
         if result.metrics["refinement"].get("warning"):

@@ -31,6 +31,7 @@ from .jobs import GVSLJob
 HEATMAP_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileColdToHotRainbow.txt", "vtkMRMLColorTableNodeRainbow")
 MAX_RESIDUAL_FIELD_VOXELS = 1 << 22  # 4 M voxels: the grid transform stays light (= gvsl.match.RESIDUAL_MAX_VOXELS)
 RESIDUAL_FILE = "residual_displacement.nrrd"  # = gvsl.match.RESIDUAL_FILE (gvsl.match imports torch)
+PANEL_IMAGE_FILES = {"warped": "warped.nrrd", "jacobian": "jacobian.nrrd"}  # = gvsl.match.PANEL_IMAGE_FILES
 # Above this many voxels the heatmap stays on the (physical, coarser) working grid, so
 # that dragging the query point stays interactive on full-resolution CTs.
 MAX_HEATMAP_IMAGE_VOXELS = 1 << 24
@@ -259,7 +260,8 @@ class GVSLLogic:
     def importMatchFolder(self, folder, fixedVolumeNode, movingVolumeNode) -> MatchPairResult:
         """The result a ``gvsl match --save-state`` child wrote, in the scene. On the main
         thread, so it only reads what the nodes show: metrics.json (affine), the residual
-        field the child computed (``RESIDUAL_FILE``), warped and Jacobian volumes; neither
+        field the child computed (``RESIDUAL_FILE``), warped and Jacobian volumes (their
+        uncompressed copies, ``PANEL_IMAGE_FILES``, when the folder has them); neither
         torch nor the features (``state.npz``) are loaded until the first heatmap query."""
         folder = Path(folder)
         metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
@@ -275,9 +277,13 @@ class GVSLLogic:
             imported = self.importMatchResult(result, fixedVolumeNode, movingVolumeNode)
             imported.metrics.update(metrics)
             return imported
+
+        def read(key):  # the uncompressed copy gvsl match writes for the panel, else its .nii.gz
+            path = folder / PANEL_IMAGE_FILES[key]
+            return sitk.ReadImage(str(path if path.is_file() else folder / f"{key}.nii.gz"))
+
         imported = self._importNodes(fixedVolumeNode, movingVolumeNode, np.asarray(metrics["affine_matrix_lps"]),
-                                     sitk.ReadImage(str(residual_path)), sitk.ReadImage(str(folder / "warped.nii.gz")),
-                                     sitk.ReadImage(str(folder / "jacobian.nii.gz")), metrics)
+                                     sitk.ReadImage(str(residual_path)), read("warped"), read("jacobian"), metrics)
         self.lastMatch = _LastMatch(fixedVolumeNode.GetID(), movingVolumeNode.GetID(), load=load)
         return imported
 

@@ -125,7 +125,8 @@ def set_linear_from_parent(transform_node, matrix_lps: np.ndarray):
 def set_grid_from_parent(transform_node, displacement_lps: sitk.Image):
     """Store an ITK displacement field (LPS vectors, resampling direction) as the grid
     transform node's transform from parent."""
-    vectors = sitk.GetArrayViewFromImage(displacement_lps).astype(np.float64) @ LPS_TO_RAS.T
+    vectors = sitk.GetArrayViewFromImage(displacement_lps).astype(np.float64)  # a copy
+    vectors[..., :2] *= -1.0  # @ LPS_TO_RAS.T, without a matrix product over millions of vectors
     image_data = vtk.vtkImageData()
     image_data.SetDimensions(*displacement_lps.GetSize())
     image_data.SetSpacing(*displacement_lps.GetSpacing())
