@@ -190,6 +190,31 @@ def heatmap_view_layers(viewNames: Sequence[str], queryVolumeID: str, targetVolu
 
 
 SAMPLE_NAMES = ("GVSLChestCT", "GVSLChestCTDeformed")
+SAMPLE_FILE_NAMES = {name: f"{name}.nrrd" for name in SAMPLE_NAMES}  # the SampleData entries' fileNames
+
+
+def missing_sample_files(folder) -> List[str]:
+    """The sample names whose file is not in ``folder`` (Slicer's remote cache directory)."""
+    return [name for name in SAMPLE_NAMES if not (Path(folder) / SAMPLE_FILE_NAMES[name]).is_file()
+            or (Path(folder) / SAMPLE_FILE_NAMES[name]).stat().st_size == 0]
+
+
+def write_sample_files(folder) -> List[str]:
+    """Generate both samples into ``folder`` under their SampleData file names. Written into
+    Slicer's remote cache directory, ``SampleData.downloadSample(name)`` finds the file there
+    and loads it instead of fetching the placeholder uri (SampleDataLogic.downloadFile skips
+    the download of a non-empty cached file when no checksum is given, Slicer 5.6 to 5.10).
+    Each file is written under a temporary name and renamed, so a reader never sees half."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, image in sample_images().items():
+        path = folder / SAMPLE_FILE_NAMES[name]
+        partial = folder / f".{path.name}.partial.nrrd"
+        sitk.WriteImage(image, str(partial))
+        partial.replace(path)
+        paths.append(str(path))
+    return paths
 
 
 def sample_images() -> Dict[str, sitk.Image]:
@@ -370,6 +395,19 @@ class GVSLLogic:
         heatmapNode.SetAttribute("GVSL.bestSimilarity", f"{score:.4f}")
         return heatmapNode, lps_to_ras(best_lps)
 
+    def queryPointNode(self):
+        """The heatmap's query point: a point list that holds one control point at most, so
+        placing again moves it instead of adding point #2 the heatmap would not read."""
+        node = mrml_io.get_or_create(self.scene, "vtkMRMLMarkupsFiducialNode", "GVSL query", "query", "query")
+        node.SetMaximumNumberOfControlPoints(1)
+        return node
+
+    def outputVolumeIDs(self) -> List[str]:
+        """IDs of the volumes GVSL made (warped, Jacobian, heatmap): the panel's volume
+        selectors hide them."""
+        return [n.GetID() for n in mrml_io.nodes_of_class(self.scene, "vtkMRMLScalarVolumeNode")
+                if any(name.startswith("GVSL.") for name in n.GetAttributeNames() or ())]
+
     def updateBestMatchMarkup(self, bestMatchRAS, markupsNode=None):
         if markupsNode is None:
             markupsNode = mrml_io.get_or_create(self.scene, "vtkMRMLMarkupsFiducialNode", "GVSL best match",
@@ -384,7 +422,7 @@ class GVSLLogic:
     def showDeformationGrid(self, show: bool) -> List:
         """Show (or hide) the deformable transforms of Match pair as a grid in slice views.
         A transform display node starts with Visibility 0 and the 2D displayable manager
-        draws only when both Visibility and Visibility2D are on."""
+        draws only when both Visibility and Visibility2D are on. Never in 3D views."""
         shown = []
         for node in mrml_io.nodes_of_class(self.scene, "vtkMRMLGridTransformNode"):
             if not node.GetAttribute("GVSL.deformable"):
@@ -393,6 +431,7 @@ class GVSLLogic:
             display.SetVisualizationMode(display.VIS_MODE_GRID)
             display.SetVisibility(bool(show))
             display.SetVisibility2D(bool(show))
+            display.SetVisibility3D(False)  # a grid over the whole volume hides the 3D view (on by default)
             shown.append(node)
         return shown
 
@@ -520,7 +559,7 @@ class GVSLLogic:
         image = sample_images()[name]
         if folder is not None:
             Path(folder).mkdir(parents=True, exist_ok=True)
-            sitk.WriteImage(image, str(Path(folder) / f"{name}.nrrd"))
+            sitk.WriteImage(image, str(Path(folder) / SAMPLE_FILE_NAMES[name]))
         node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
         mrml_io.update_volume_from_image(node, image)
         mrml_io.ensure_display(node)

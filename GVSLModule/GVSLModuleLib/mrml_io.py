@@ -164,6 +164,8 @@ def segmentation_to_labelmap(scene, segmentation_node, reference_volume_node) ->
     ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
     names = [segmentation.GetSegment(i).GetName() for i in ids]
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__gvsl_temp__")
+    # The export adds a "<segmentation>_ColorTable" node for the label map: removed with it.
+    colors_before = {n.GetID() for n in nodes_of_class(scene, "vtkMRMLColorNode")}
     try:
         id_array = vtk.vtkStringArray()
         for i in ids:
@@ -175,6 +177,9 @@ def segmentation_to_labelmap(scene, segmentation_node, reference_volume_node) ->
         image = volume_to_image(labelmap)
     finally:
         scene.RemoveNode(labelmap)
+        for node in nodes_of_class(scene, "vtkMRMLColorNode"):
+            if node.GetID() not in colors_before:
+                scene.RemoveNode(node)
     return sitk.Cast(image, sitk.sitkUInt8), names
 
 
