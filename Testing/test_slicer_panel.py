@@ -193,6 +193,10 @@ def test_match_summary_with_and_without_refinement():
     warned = match_summary(metrics(local_ncc_network=0.46, refinement={
         "iterations": 40, "similarity": "mind", "seconds": 9.9, "improved": False, "warning": "time budget"}))
     assert "did not improve" in warned and "warning: time budget" in warned
+    stopped = match_summary(metrics(local_ncc_network=0.43, refinement={
+        "iterations": 12, "similarity": "lncc", "seconds": 1.0, "improved": True, "warning": None,
+        "stopped_by_request": True}))
+    assert "stopped on request" in stopped and "12 iterations" in stopped
 
 
 def test_segment_job_arguments_and_import(scene, tmp_path):

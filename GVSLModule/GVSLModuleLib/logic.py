@@ -153,6 +153,8 @@ def match_summary(metrics: Dict) -> str:
         if refinement.get("improved") is False:
             line += " (did not improve: the network's field is kept)"
         lines.append(line)
+    if refinement.get("stopped_by_request"):
+        lines.append("stopped on request: this is the answer refinement had reached")
     if refinement.get("warning"):
         lines.append("warning: " + str(refinement["warning"]))
     lines.append(f"folding {100 * metrics['folding_fraction']:.3f} % of voxels, Jacobian "
