@@ -344,7 +344,7 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         hidden = self.logic.core.outputVolumeIDs()
         for selector in (self.ui.fixedVolumeSelector, self.ui.movingVolumeSelector, self.ui.segmentVolumeSelector):
-            selector.sortFilterProxyModel().setHiddenNodeIDs(hidden)
+            selector.sortFilterProxyModel().hiddenNodeIDs = hidden  # a Q_PROPERTY (5.6 to 5.10)
 
     def updateButtons(self, caller=None, event=None):
         p = self._parameterNode
