@@ -156,3 +156,12 @@ def test_segment_cli_without_a_stop_request_writes_the_labels(pair, segmentation
     evs = events(capsys.readouterr().out)
     assert evs[-1]["event"] == "done" and "stopped" not in evs[-1]
     assert sitk.ReadImage(str(tmp_path / "labels.nrrd")).GetSize() == pair[0].GetSize()
+
+
+def test_segment_help_describes_image_device_and_overlap():
+    from conftest import run_gvsl
+    out = run_gvsl(["segment", "--help"], timeout=120)
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    assert "the volume to segment" in text and "auto | cpu | cuda | mps" in text
+    assert "neighbouring sliding windows overlap" in text
