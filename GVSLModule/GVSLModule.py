@@ -309,7 +309,7 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def parameterWidgets(self):
         """{parameter name: widget} of the widgets the .ui binds (SlicerParameterName)."""
         widgets = {}
-        for widget in self.ui.__dict__.values():
+        for widget in vars(self.ui).values():  # slicer.util.childWidgetVariables: one attribute per widget
             name = widget.property("SlicerParameterName") if hasattr(widget, "property") else None
             if name:
                 widgets[name] = widget
