@@ -74,28 +74,55 @@ CVPR 2023. Sample data: slicerio's CTChest4 and nilearn's MNI152 template.
         slicer.app.connect("startupCompleted()", registerSampleData)
 
 
+def sampleCacheFolder() -> str:
+    """Where SampleDataLogic.downloadFileIntoCache looks for a sample's file (5.6 to 5.10)."""
+    return slicer.mrmlScene.GetCacheManager().GetRemoteCacheDirectory()
+
+
 def registerSampleData():
     """Two Sample Data module entries, generated on this computer (nothing is downloaded).
-    They work from the Sample Data module's buttons only (``customDownloader``);
-    ``SampleData.downloadSample("GVSLChestCT")`` would try to fetch the placeholder uri.
-    Scripts call ``GVSLModuleLogic().core.loadSamplePair()``."""
+    The generated files are written into Slicer's remote cache directory under the entries'
+    file names, where ``SampleData.downloadSample("GVSLChestCT")`` finds them (it downloads
+    only files that are not there): at startup by a background child process if they are
+    missing and the engine's packages are installed, and by the Sample Data buttons
+    (``customDownloader``). Scripts can also call ``GVSLModuleLogic().core.loadSamplePair()``."""
     import SampleData
+    from GVSLModuleLib import dependencies
+    from GVSLModuleLib.logic import SAMPLE_FILE_NAMES, SAMPLE_NAMES, missing_sample_files
 
     def load(source):
-        from GVSLModuleLib import dependencies
         if not dependencies.engine_ready():
             slicer.util.errorDisplay(_("The GVSL samples need Python packages that are not installed yet: open "
                                        "the GVSL module and click Install."))
             return []
-        folder = os.path.join(slicer.app.cachePath, "GVSL")
-        return [GVSLModuleLogic().core.loadSampleVolume(source.sampleName, folder)]
+        with slicer.util.tryWithErrorDisplay(_("Generating the GVSL sample failed."), waitCursor=True):
+            return [GVSLModuleLogic().core.loadSampleVolume(source.sampleName, sampleCacheFolder())]
 
-    from GVSLModuleLib.logic import SAMPLE_NAMES
     for name in SAMPLE_NAMES:
         SampleData.SampleDataLogic.registerCustomSampleDataSource(
-            category="GVSL", sampleName=name, uris=f"gvsl-generated:{name}", fileNames=f"{name}.nrrd",
+            category="GVSL", sampleName=name, uris=f"gvsl-generated:{name}", fileNames=SAMPLE_FILE_NAMES[name],
             nodeNames=name, thumbnailFileName=resource_path("Icons/GVSLModule.png"), loadFileType="VolumeFile",
             customDownloader=load)
+    try:
+        folder = sampleCacheFolder()
+        if missing_sample_files(folder) and dependencies.engine_ready():
+            writeSampleFilesInBackground(folder)
+    except Exception:  # never break Slicer's startup for sample data
+        logging.exception("GVSL: could not prepare the sample data files")
+
+
+def writeSampleFilesInBackground(folder):
+    """Generate the sample files in a child process (it imports torch; Slicer does not)."""
+    import subprocess
+    from GVSLModuleLib.jobs import python_executable
+    env = dict(os.environ)
+    paths = [os.path.dirname(os.path.abspath(__file__))]
+    import gvsl
+    paths.append(os.path.dirname(os.path.dirname(os.path.abspath(gvsl.__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    code = "import sys\nfrom GVSLModuleLib.logic import write_sample_files\nwrite_sample_files(sys.argv[1])\n"
+    subprocess.Popen([python_executable(), "-c", code, folder], env=env, stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 #
@@ -188,6 +215,8 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.jobs = {}  # "match" | "pretrain" | "finetune" | "segment" -> (GVSLJob, on_done)
         self.queryNode = None
         self.lossTable = None
+        self.deviceProbe = None
+        self.pollTimer = self.heatmapTimer = self.probeTimer = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -223,28 +252,51 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.heatmapTimer.setInterval(30)
         self.heatmapTimer.connect("timeout()", self.updateHeatmap)
 
+        self.probeTimer = qt.QTimer()  # polls the device probe's child process
+        self.probeTimer.setInterval(250)
+        self.probeTimer.connect("timeout()", self.pollDeviceProbe)
+
         self.ui.queryPointPlaceWidget.setMRMLScene(slicer.mrmlScene)
         self.ui.queryPointPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
         self.initializeParameterNode()
         self.updateDeviceLabel()
+        self.updateSelectorFilters()
         self.updateButtons()
 
     def cleanup(self):
         self.removeObservers()
+        for timer in (self.pollTimer, self.heatmapTimer, self.probeTimer):
+            if timer is not None:
+                timer.stop()
+        if self.deviceProbe is not None and self.deviceProbe.process is not None and self.deviceProbe.result is None:
+            self.deviceProbe.process.kill()
+        self.stopAllJobs(grace_s=10)  # Slicer is closing: then each job's process tree goes
+        self.setParameterNode(None)
+
+    def stopAllJobs(self, grace_s=None):
+        """Ask every job to stop, all at once (each child saves while the others do). With
+        ``grace_s`` wait for them (killing overdue ones); else the poll timer watches them."""
         for job, _on_done in self.jobs.values():
-            job.request_stop()  # all at once: each child saves while the others do
-        for job, _on_done in self.jobs.values():
-            job.stop(grace_s=10)  # Slicer is closing: then the job's process tree goes
+            job.request_stop()
+        if grace_s is not None:
+            for job, _on_done in self.jobs.values():
+                job.stop(grace_s=grace_s)
 
     def enter(self):
         self.initializeParameterNode()
+        self.updateSelectorFilters()
 
     def exit(self):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
+        # The GUI stays connected to the parameter node (see setParameterNode): Slicer 5.6 to
+        # 5.10 leave a parameter node observer behind on every connectGui/disconnectGui pair.
+        pass
 
     def onSceneStartClose(self, caller, event):
+        # The scene's nodes go: no job may import into the next scene, and none keeps running.
+        for job, _on_done in self.jobs.values():
+            job.sceneClosed = True
+        self.stopAllJobs()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -254,15 +306,45 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
 
+    def parameterWidgets(self):
+        """{parameter name: widget} of the widgets the .ui binds (SlicerParameterName)."""
+        widgets = {}
+        for widget in vars(self.ui).values():  # slicer.util.childWidgetVariables: one attribute per widget
+            name = widget.property("SlicerParameterName") if hasattr(widget, "property") else None
+            if name:
+                widgets[name] = widget
+        return widgets
+
     def setParameterNode(self, inputParameterNode):
+        """Connect the GUI once per parameter node. ``connectGui`` returns None on Slicer 5.6
+        and 5.8 (so disconnectGui(None) disconnected nothing and bindings piled up on every
+        module entry): ``connectParametersToGui`` returns the tag on 5.6 to 5.10."""
+        same = (inputParameterNode is not None and self._parameterNode is not None
+                and inputParameterNode.parameterNode is self._parameterNode.parameterNode)
+        if same and self._parameterNodeGuiTag is not None:
+            return
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            if self._parameterNodeGuiTag is not None:
+                self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(self.parameterWidgets())
+            self.addObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
             self.updateButtons()
+
+    def onNodeAdded(self, caller=None, event=None):
+        qt.QTimer.singleShot(0, self.updateSelectorFilters)  # attributes are set after NodeAdded
+
+    def updateSelectorFilters(self):
+        """The volume selectors list plain scalar volumes only (``showChildNodeTypes`` false
+        in the .ui: no label maps) and never GVSL's own outputs."""
+        if self.logic is None:
+            return
+        hidden = self.logic.core.outputVolumeIDs()
+        for selector in (self.ui.fixedVolumeSelector, self.ui.movingVolumeSelector, self.ui.segmentVolumeSelector):
+            selector.sortFilterProxyModel().hiddenNodeIDs = hidden  # a Q_PROPERTY (5.6 to 5.10)
 
     def updateButtons(self, caller=None, event=None):
         p = self._parameterNode
@@ -281,15 +363,27 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------ dependencies
     def updateDeviceLabel(self):
+        """The devices torch sees, asked of a child process (dependencies.DeviceProbe): a
+        broken torch cannot break the panel, and torch's DLLs stay out of Slicer."""
         from GVSLModuleLib import dependencies
         if not dependencies.torch_available():
             self.ui.deviceLabel.text = _("PyTorch is not installed: click Install")
             return
-        import torch
-        found = ["cpu"] + (["cuda: " + torch.cuda.get_device_name(0)] if torch.cuda.is_available() else [])
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            found.append("mps")
-        self.ui.deviceLabel.text = _("Detected: ") + ", ".join(found)
+        self.ui.deviceLabel.text = _("Detecting devices ...")
+        try:
+            self.deviceProbe = dependencies.DeviceProbe().start()
+        except OSError as exc:
+            self.ui.deviceLabel.text = _("Could not start PyTorch's device check: ") + str(exc)
+            return
+        self.probeTimer.start()
+
+    def pollDeviceProbe(self):
+        answer = self.deviceProbe.poll() if self.deviceProbe is not None else ("", True)
+        if answer is None:
+            return
+        self.probeTimer.stop()
+        if answer[0]:
+            self.ui.deviceLabel.text = answer[0]
 
     def onInstallDependencies(self):
         self.ensureDependencies(ask=True)
@@ -300,6 +394,10 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         need_torch = not dependencies.torch_available()
         if not missing and not need_torch:
             return True
+        unsupported = dependencies.unsupported_python_message()
+        if unsupported:
+            slicer.util.errorDisplay(unsupported)
+            return False
         what = (["torch (through the PyTorch extension)"] if need_torch else []) + missing
         if ask and not slicer.util.confirmOkCancelDisplay(
                 _("GVSL needs these Python packages: ") + ", ".join(what) + _(". Install them now?")):
@@ -312,11 +410,16 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     except ImportError:
                         slicer.util.errorDisplay(_("Install the PyTorch extension from the Extension Manager first."))
                         return False
-                    if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+                    torch = dependencies.run_capturing_output(
+                        PyTorchUtils.PyTorchUtilsLogic().installTorch, askConfirmation=False,
+                        torchVersionRequirement=dependencies.TORCH_REQUIREMENT)
+                    if torch is None:
                         self.ui.deviceLabel.text = _("PyTorch was not installed")
                         return False
                 if missing:
-                    slicer.util.pip_install(dependencies.pip_install_arguments(missing))
+                    # the constraints pin the torch just installed: MONAI cannot replace it
+                    dependencies.run_capturing_output(slicer.util.pip_install,
+                                                      dependencies.pip_install_arguments(missing))
         except Exception as exc:  # pip's CalledProcessError, or anything the installer raised
             logging.exception("GVSL: installing Python packages failed")
             message = dependencies.install_failure_message(exc, what)
@@ -330,23 +433,29 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onMatch(self):
         if not self.ensureDependencies():
             return
-        p = self._parameterNode
-        job, folder = self.logic.core.matchJob(
-            p.fixedVolume, p.movingVolume, p.checkpointPath or None, p.device, p.preset,
-            refineIterations=None if p.refineIterations < 0 else p.refineIterations, similarity=p.similarity,
-            timeBudgetSeconds=p.timeBudgetSeconds or None, precision=p.precision)
-        fixed, moving = p.fixedVolume, p.movingVolume
+        # Errors while preparing the job (writing the inputs, a volume under a non-linear
+        # transform) are shown, not only logged to the Python console.
+        with slicer.util.tryWithErrorDisplay(_("GVSL could not start Match pair."), waitCursor=True):
+            p = self._parameterNode
+            fixed, moving = p.fixedVolume, p.movingVolume
+            notes = self.logic.core.matchInputNotes(fixed, moving)
+            job, folder = self.logic.core.matchJob(
+                fixed, moving, p.checkpointPath or None, p.device, p.preset,
+                refineIterations=None if p.refineIterations < 0 else p.refineIterations, similarity=p.similarity,
+                timeBudgetSeconds=p.timeBudgetSeconds or None, precision=p.precision)
 
-        def done():
-            from GVSLModuleLib.logic import match_summary
-            result = self.logic.core.importMatchFolder(folder, fixed, moving)
-            slicer.util.setSliceViewerLayers(background=fixed, foreground=result.warpedVolumeNode,
-                                             foregroundOpacity=0.5, fit=True)
-            self.onShowGrid(self.ui.showGridCheckBox.checked)
-            self.ui.metricsLabel.text = match_summary(result.metrics)
-            self.ensureQueryNode()
+            def done():
+                from GVSLModuleLib.logic import match_summary
+                result = self.logic.core.importMatchFolder(folder, fixed, moving)
+                slicer.util.setSliceViewerLayers(background=fixed, foreground=result.warpedVolumeNode,
+                                                 foregroundOpacity=0.5, fit=True)
+                self.onShowGrid(self.ui.showGridCheckBox.checked)
+                self.ui.metricsLabel.text = "\n".join([match_summary(result.metrics), *notes])
+                self.ensureQueryNode()
+                self.updateSelectorFilters()
 
-        self.startJob("match", job, self.ui.matchProgressBar, done)
+            self.startJob("match", job, self.ui.matchProgressBar, done)
+            self.ui.metricsLabel.text = "\n".join(notes)
 
     def onShowGrid(self, show):
         self.logic.core.showDeformationGrid(bool(show))
@@ -354,7 +463,7 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ heatmap
     def ensureQueryNode(self):
         if self.queryNode is None or self.queryNode.GetScene() is None:
-            self.queryNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "GVSL query")
+            self.queryNode = self.logic.core.queryPointNode()  # one control point at most
             self.addObserver(self.queryNode, slicer.vtkMRMLMarkupsNode.PointModifiedEvent, self.onQueryMoved)
             self.addObserver(self.queryNode, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onQueryMoved)
         self.ui.queryPointPlaceWidget.setCurrentNode(self.queryNode)
@@ -384,6 +493,7 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # The query view and a target view must both be on screen.
             layoutManager.setLayout(layouts.SlicerLayoutSideBySideView)
         self.logic.core.showHeatmapInViews(query_volume, heatmap, p.heatmapOpacity)
+        self.updateSelectorFilters()
         self.ui.heatmapLabel.text = (
             f"query point in the {HEATMAP_QUERY_VIEW} view ({query_volume.GetName()}); "
             f"best match R {best[0]:.1f}, A {best[1]:.1f}, S {best[2]:.1f} "
@@ -396,6 +506,10 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPretrain(self, resume=False):
         if not self.ensureDependencies():
             return
+        with slicer.util.tryWithErrorDisplay(_("GVSL could not start pre-training."), waitCursor=True):
+            self._startPretrain(resume)
+
+    def _startPretrain(self, resume):
         p = self._parameterNode
         if not p.pretrainOutputFolder:
             slicer.util.errorDisplay(_("Choose an output folder."))
@@ -417,6 +531,12 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.startJob("pretrain", job, self.ui.pretrainProgressBar, None, self.ui.pretrainStatusLabel)
 
     def onExportSceneSegmentations(self):
+        # Needs neither torch nor MONAI (GVSLModuleLib.mrml_io is torch-free): no install check.
+        with slicer.util.tryWithErrorDisplay(_("GVSL could not export the scene's segmentations."),
+                                             waitCursor=True):
+            self._exportSceneSegmentations()
+
+    def _exportSceneSegmentations(self):
         pairs = []
         for seg in slicer.util.getNodesByClass("vtkMRMLSegmentationNode"):
             ref = seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole())
@@ -433,6 +553,10 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onFinetune(self, resume=False):
         if not self.ensureDependencies():
             return
+        with slicer.util.tryWithErrorDisplay(_("GVSL could not start fine-tuning."), waitCursor=True):
+            self._startFinetune(resume)
+
+    def _startFinetune(self, resume):
         p = self._parameterNode
         if not (p.finetuneImagesFolder and p.finetuneLabelsFolder and p.finetuneOutputFolder):
             slicer.util.errorDisplay(_("Choose the images, labels and output folders."))
@@ -452,19 +576,20 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSegment(self):
         if not self.ensureDependencies():
             return
-        p = self._parameterNode
-        volume = p.segmentVolume
-        job, labels_path = self.logic.core.segmentJob(volume, p.segmentCheckpoint, p.device)
+        with slicer.util.tryWithErrorDisplay(_("GVSL could not start Segment."), waitCursor=True):
+            p = self._parameterNode
+            volume = p.segmentVolume
+            job, labels_path = self.logic.core.segmentJob(volume, p.segmentCheckpoint, p.device)
 
-        def done():
-            self.logic.core.importSegmentation(labels_path, volume)
+            def done():
+                self.logic.core.importSegmentation(labels_path, volume)
 
-        self.startJob("segment", job, self.ui.segmentProgressBar, done, self.ui.segmentStatusLabel)
+            self.startJob("segment", job, self.ui.segmentProgressBar, done, self.ui.segmentStatusLabel)
 
     # --------------------------------------------------------------------- jobs
     def startJob(self, name, job, progressBar, onDone=None, statusLabel=None):
         job.start()
-        job.progressBar, job.statusLabel = progressBar, statusLabel
+        job.progressBar, job.statusLabel, job.sceneClosed = progressBar, statusLabel, False
         progressBar.setValue(0)
         if statusLabel is not None:
             statusLabel.text = _("starting ...")
@@ -473,7 +598,11 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     # Seconds a child may take to save and exit after Stop before its process tree is killed.
-    STOP_GRACE_S = {"match": 2, "segment": 2, "pretrain": 120, "finetune": 120}
+    # Match finishes its refinement step, then computes and writes its result; segment ends
+    # after the current batch of sliding windows.
+    STOP_GRACE_S = {"match": 120, "segment": 30, "pretrain": 120, "finetune": 120}
+    # Jobs whose stopped child still wrote a result worth importing (refinement so far).
+    KEEPS_STOPPED_RESULT = ("match",)
 
     def stopJob(self, name):
         """Non-blocking: writes the job's stop request; the poll timer watches the child save
@@ -504,9 +633,16 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 job.finish()  # anything the child left in its process tree
                 del self.jobs[name]
                 error = job.error_message()
-                if job.stop_requested:
+                done_event = job.last("done") or {}
+                kept = (job.stop_requested and not job.killed and not job.sceneClosed and job.returncode == 0
+                        and name in self.KEEPS_STOPPED_RESULT and done_event.get("files"))
+                if job.sceneClosed:
+                    pass  # the scene it worked for is gone: nothing to show or import
+                elif kept:
+                    self._runOnDone(name, onDone)  # stopped during refinement: the answer it reached
+                elif job.stop_requested:
                     if job.statusLabel is not None:
-                        done = job.last("done") or {}
+                        done = done_event
                         job.statusLabel.text = (_("stopped and killed (it did not exit in time)") if job.killed else
                                                 _("stopped") + (f" at step {done['step']}" if "step" in done else ""))
                 elif error:
@@ -514,16 +650,20 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 elif job.returncode == 0:
                     if job.statusLabel is not None:
                         job.statusLabel.text = _("done")
-                    try:
-                        if onDone is not None:
-                            onDone()
-                    except Exception as exc:
-                        logging.exception("GVSL")
-                        slicer.util.errorDisplay(f"GVSL {name}: {exc}")
+                    self._runOnDone(name, onDone)
                 job.progressBar.setValue(100 if job.returncode == 0 and not job.stop_requested else 0)
         if not self.jobs:
             self.pollTimer.stop()
         self.updateButtons()
+
+    @staticmethod
+    def _runOnDone(name, onDone):
+        try:
+            if onDone is not None:
+                onDone()
+        except Exception as exc:
+            logging.exception("GVSL")
+            slicer.util.errorDisplay(f"GVSL {name}: {exc}")
 
     def startLossCurve(self, title):
         self.lossTable = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", title)
@@ -578,6 +718,11 @@ class GVSLModuleTest(ScriptedLoadableModuleTest):
     """Developer mode -> Reload and Test: Match pair on the sample CT and its deformed twin."""
 
     def setUp(self):
+        # CTest runs test_match_pair_and_heatmap directly (not through runTest): a build
+        # machine without torch/MONAI skips instead of failing.
+        from GVSLModuleLib import dependencies
+        if not dependencies.engine_ready():
+            self.skipTest("GVSL's Python packages (torch, MONAI) are not installed")
         slicer.mrmlScene.Clear()
 
     def runTest(self):

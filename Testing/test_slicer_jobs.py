@@ -161,20 +161,30 @@ def test_kill_reaches_the_interpreter_after_its_launcher_was_reaped(tmp_path):
     assert not group_alive(group)
 
 
-def test_stop_file_is_polled_and_a_stale_one_is_ignored(tmp_path, monkeypatch):
+def test_stop_file_is_polled_whatever_its_mtime(tmp_path, monkeypatch):
+    """Issue 16 item 11: a stop file written through a network share whose clock is behind
+    (mtime an hour before this process started) still stops the child."""
     from gvsl import stopfile
     from gvsl.runtime import StopFlag
     path = tmp_path / "STOP"
-    path.write_text("left from an earlier run", encoding="utf-8")
-    old = time.time() - 3600
-    os.utime(path, (old, old))
     monkeypatch.setenv(stopfile.STOP_FILE_ENV, str(path))
     flag = StopFlag()
     assert not flag.requested
     stopfile.request_stop(path)
+    old = time.time() - 3600
+    os.utime(path, (old, old))  # the server's clock is an hour behind
     assert flag.requested and flag.requested  # and it stays requested
     monkeypatch.delenv(stopfile.STOP_FILE_ENV)
     assert not StopFlag().requested  # no variable: signals only, as on a terminal
+
+
+def test_a_stop_file_left_by_an_earlier_run_is_removed_when_the_next_job_starts(tmp_path):
+    from gvsl import stopfile
+    path = stopfile.request_stop(tmp_path / "run" / "STOP", "left from an earlier run")
+    job = GVSLJob(["--help"], stop_file=path)  # any quick command: the file must be gone first
+    job.start()
+    assert not path.exists()
+    job.wait(timeout=120)
 
 
 def test_job_command_passes_the_stop_file_to_the_child(tmp_path):

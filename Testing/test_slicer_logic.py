@@ -141,17 +141,31 @@ def test_heatmap_node_has_other_volume_geometry_and_best_match(matched):
         logic.similarityHeatmap(ras[0], other)
 
 
-def test_import_from_child_process_folder_equals_in_process(matched, tmp_path, rigged_model):
+@pytest.mark.parametrize("written_by", ["gvsl match", "an older engine"])
+def test_import_from_child_process_folder_equals_in_process(matched, tmp_path, written_by):
+    from gvsl.match import RESIDUAL_FILE, RESIDUAL_MAX_VOXELS
+    from GVSLModuleLib import logic as panel_logic
+    assert (panel_logic.RESIDUAL_FILE, panel_logic.MAX_RESIDUAL_FIELD_VOXELS) == (RESIDUAL_FILE, RESIDUAL_MAX_VOXELS)
     scene, logic, fixed, moving, result = matched
     engine = result.engineResult
     engine.save(tmp_path, report=False)
     engine.save_state(tmp_path / "state.npz")
-    imported = logic.importMatchFolder(tmp_path, fixed, moving)
+    if written_by == "gvsl match":  # what match_cli writes beside state.npz (issue 16 item 5)
+        sitk.WriteImage(engine.residual_displacement(), str(tmp_path / RESIDUAL_FILE))
     _, ras = fixed_voxel_points_ras(fixed, count=20, seed=5)
-    np.testing.assert_allclose(mrml_io.transform_points_from_world(imported.deformableTransformNode, ras),
-                               mrml_io.transform_points_from_world(result.deformableTransformNode, ras), atol=1e-3)
+    in_process = mrml_io.transform_points_from_world(result.deformableTransformNode, ras)
+    imported = logic.importMatchFolder(tmp_path, fixed, moving)
+    assert logic.lastMatch.loaded is (written_by == "an older engine")  # the features wait for a heatmap query
+    assert imported.affineTransformNode.GetID() == result.affineTransformNode.GetID()  # the same pair's nodes
+    through_nodes = mrml_io.transform_points_from_world(imported.deformableTransformNode, ras)
+    np.testing.assert_allclose(through_nodes, in_process, atol=1e-3)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(imported.warpedVolumeNode),
+                                  sitk.GetArrayFromImage(engine.warped))
+    assert imported.metrics["local_ncc_after"] == pytest.approx(engine.metrics["local_ncc_after"])
     heat_a, best_a = logic.similarityHeatmap(ras[0], fixed)
-    assert np.all(np.isfinite(best_a))
+    assert logic.lastMatch.loaded
+    _, engine_best, _ = engine.heatmap(lps_to_ras(ras[0]), "fixed")
+    np.testing.assert_allclose(best_a, lps_to_ras(engine_best), atol=1e-4)
 
 
 def test_segmentation_round_trip_keeps_names_and_voxels(scene, tmp_path):

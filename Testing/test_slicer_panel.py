@@ -1,6 +1,7 @@
 """The panel's defects of issue 10 that run without Qt: on Slicer's MRML libraries
 (slicer-core) and in plain Python."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -192,6 +193,10 @@ def test_match_summary_with_and_without_refinement():
     warned = match_summary(metrics(local_ncc_network=0.46, refinement={
         "iterations": 40, "similarity": "mind", "seconds": 9.9, "improved": False, "warning": "time budget"}))
     assert "did not improve" in warned and "warning: time budget" in warned
+    stopped = match_summary(metrics(local_ncc_network=0.43, refinement={
+        "iterations": 12, "similarity": "lncc", "seconds": 1.0, "improved": True, "warning": None,
+        "stopped_by_request": True}))
+    assert "stopped on request" in stopped and "12 iterations" in stopped
 
 
 def test_segment_job_arguments_and_import(scene, tmp_path):
@@ -239,3 +244,214 @@ def test_failed_pip_install_message_names_packages_and_output():
 def test_engine_ready_checks_without_importing():
     assert dependencies.engine_ready() in (True, False)
     assert json.dumps(dependencies.missing_packages())  # plain strings
+
+
+# ------------------------------------------- issue 16 item 5: main-thread match import
+def test_importing_a_match_folder_reads_only_what_the_nodes_show_and_not_torch(tmp_path):
+    """benchmarks/panel_import.py on a small pair: the import (in a fresh interpreter) does
+    not import torch nor load the features, and the LPS flip of mrml_io is the engine's."""
+    from gvsl.conventions import LPS_TO_RAS, LPS_TO_RAS_4X4
+    np.testing.assert_array_equal(mrml_io.LPS_TO_RAS, LPS_TO_RAS)
+    np.testing.assert_array_equal(mrml_io.LPS_TO_RAS_4X4, LPS_TO_RAS_4X4)
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "panel_import.py"), "--size", "20x22x18",
+                          "--folder", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "torch imported by the import: False; features loaded: False" in out.stdout
+    assert "| importMatchFolder (main thread), total |" in out.stdout
+
+
+# ------------------------------------------------------------------- issue 16 items
+def test_failed_pip_install_shows_pips_lines_not_a_stream_object(capsys):
+    """Item 6: Slicer 5.6-5.10's logProcessOutput prints pip's lines, then raises
+    CalledProcessError(output=proc.stdout): an exhausted TextIOWrapper, not text."""
+    import io
+
+    def slicer_pip_install(requirements):  # what slicer.util.pip_install -> logProcessOutput does
+        stream = io.TextIOWrapper(io.BytesIO(b""))
+        for line in ("Collecting monai>=1.3", "ERROR: Could not find a version that satisfies monai>=1.3"):
+            print(line)
+        raise subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "pip", "install", requirements],
+                                            output=stream, stderr=None)
+
+    with pytest.raises(subprocess.CalledProcessError) as caught:
+        dependencies.run_capturing_output(slicer_pip_install, "monai>=1.3")
+    assert "Collecting monai>=1.3" in capsys.readouterr().out  # the console still gets every line
+    message = dependencies.install_failure_message(caught.value, ["monai>=1.3"])
+    assert "TextIOWrapper" not in message
+    assert "ERROR: Could not find a version that satisfies monai>=1.3" in message
+    assert message.count("Collecting monai>=1.3") == 1
+    assert dependencies.run_capturing_output(lambda x: x * 2, 21) == 42
+
+
+def test_constraints_pin_the_installed_torch_and_torchvision(monkeypatch):
+    """Item 2: installing MONAI cannot replace the PyTorch extension's torch."""
+    import importlib.metadata
+    versions = {"SimpleITK": "2.4.0", "numpy": "1.26.4", "vtk": "9.3.1", "torch": "2.13.0+cpu",
+                "torchvision": "0.28.0+cpu"}
+
+    def version(name):
+        if name not in versions:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    pins = dependencies.protected_constraints()
+    assert "torch==2.13.0+cpu" in pins and "torchvision==0.28.0+cpu" in pins and "numpy==1.26.4" in pins
+    arguments = dependencies.pip_install_arguments(["monai>=1.3"])
+    path = arguments.split(" -c ")[1].strip('"')
+    assert "torch==2.13.0+cpu" in Path(path).read_text(encoding="utf-8").splitlines()
+    del versions["torchvision"]
+    assert not any(p.startswith("torchvision") for p in dependencies.protected_constraints())
+    assert dependencies.TORCH_REQUIREMENT == ">=2.8"
+
+
+def test_supported_python_versions():
+    """Item 15: Slicer 5.6/5.8 (Python 3.9) are declared unsupported; 5.10 (3.12) is."""
+    assert dependencies.unsupported_python_message((3, 12, 10)) is None
+    assert dependencies.unsupported_python_message((3, 11, 7)) is None
+    message = dependencies.unsupported_python_message((3, 9, 10))
+    assert "3.9" in message and "5.10" in message
+
+
+def test_device_probe_runs_torch_in_a_child_process():
+    """Item 3: the panel never imports torch itself; a working torch lists the CPU."""
+    probe = dependencies.DeviceProbe(python=[sys.executable]).start()
+    text, ok = probe.wait(timeout_s=180)
+    assert ok and text.startswith("Detected: cpu"), text
+
+
+def test_device_probe_reports_a_broken_torch(tmp_path):
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise OSError('[WinError 126] fbgemm.dll could not be loaded')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    text, ok = dependencies.DeviceProbe(python=[sys.executable], env=env).start().wait(timeout_s=60)
+    assert not ok
+    assert "does not work" in text and "fbgemm.dll" in text and "Install" in text
+
+
+def test_panel_library_modules_do_not_import_torch_at_setup():
+    """Item 3: what GVSLModuleWidget.setup() imports (dependencies, logic, jobs) and the
+    segmentation export (item 4) run without importing torch."""
+    code = (
+        "import sys, tempfile\n"
+        f"sys.path[:0] = [{str(REPO / 'GVSLExtension')!r}, {str(REPO / 'GVSLModule')!r}]\n"
+        "import SimpleITK as sitk, slicer\n"
+        "from GVSLModuleLib import dependencies, logic, mrml_io\n"
+        "dependencies.DeviceProbe(python=[sys.executable])\n"
+        "scene = slicer.vtkMRMLScene()\n"
+        "image = sitk.Image(8, 9, 7, sitk.sitkInt16)\n"
+        "labels = sitk.Image(8, 9, 7, sitk.sitkUInt8); labels[2, 3, 4] = 1\n"
+        "volume = mrml_io.update_volume_from_image(scene.AddNewNodeByClass('vtkMRMLScalarVolumeNode', 'v'), image)\n"
+        "core = logic.GVSLLogic(scene)\n"
+        "seg = core.labelmapToSegmentation(labels, ['a'], 'seg')\n"
+        "core.exportTrainingSet([(volume, seg)], tempfile.mkdtemp())\n"
+        "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_query_point_node_holds_one_point(scene):
+    """Item 7: placing a second query point cannot add point #2."""
+    node = GVSLLogic(scene).queryPointNode()
+    assert node.GetMaximumNumberOfControlPoints() == 1
+    assert node.AddControlPoint(1.0, 2.0, 3.0) == 0
+    assert node.AddControlPoint(4.0, 5.0, 6.0) == -1  # refused
+    assert node.GetNumberOfControlPoints() == 1
+    assert GVSLLogic(scene).queryPointNode() is node  # one node per scene
+
+
+def test_deformation_grid_stays_out_of_3d_views(scene):
+    """Item 8: a transform display node starts with Visibility3D on."""
+    grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "GVSL deformable")
+    grid.SetAttribute("GVSL.deformable", "a|b")
+    GVSLLogic(scene).showDeformationGrid(True)
+    display = grid.GetDisplayNode()
+    assert display.GetVisibility() and display.GetVisibility2D() and not display.GetVisibility3D()
+
+
+def test_segmentation_export_leaves_no_color_table(scene, tmp_path):
+    """Item 9: ExportSegmentsToLabelmapNode adds a '<segmentation>_ColorTable' node."""
+    image, labels = small_image(3)
+    volume = add_volume(scene, image, "case")
+    logic = GVSLLogic(scene)
+    seg = logic.labelmapToSegmentation(sitk.Cast(labels, sitk.sitkUInt8), ["a", "b", "c"], "truth")
+    before = sorted(n.GetID() for n in mrml_io.nodes_of_class(scene, "vtkMRMLColorNode"))
+    for _ in range(3):
+        logic.exportTrainingSet([(volume, seg)], tmp_path)
+    assert sorted(n.GetID() for n in mrml_io.nodes_of_class(scene, "vtkMRMLColorNode")) == before
+    assert not [n for n in mrml_io.nodes_of_class(scene, "vtkMRMLNode") if n.GetName().endswith("_ColorTable")]
+
+
+def test_selectors_hide_gvsl_outputs(scene):
+    """Item 14: the IDs the fixed/moving/segment selectors hide."""
+    plain = add_volume(scene, small_image(0)[0], "CT")
+    outputs = []
+    for tag in ("warped", "jacobian", "heatmap"):
+        node = add_volume(scene, small_image(1)[0], f"GVSL {tag}")
+        node.SetAttribute(f"GVSL.{tag}", "a|b")
+        outputs.append(node.GetID())
+    assert GVSLLogic(scene).outputVolumeIDs() == outputs
+    assert plain.GetID() not in GVSLLogic(scene).outputVolumeIDs()
+    ui = (REPO / "Resources" / "UI" / "GVSLModule.ui").read_text(encoding="utf-8")
+    import xml.etree.ElementTree as ET
+    for widget in ET.fromstring(ui).iter("widget"):
+        if widget.get("name") in ("fixedVolumeSelector", "movingVolumeSelector", "segmentVolumeSelector"):
+            props = {p.get("name"): p for p in widget.findall("property")}
+            assert props["showChildNodeTypes"].find("bool").text == "false"  # no label maps, vectors
+
+
+def test_sample_files_are_written_under_their_sampledata_file_names(tmp_path):
+    """Item 14: SampleData.downloadSample finds the generated file in the remote cache."""
+    from GVSLModuleLib.logic import SAMPLE_FILE_NAMES, SAMPLE_NAMES, missing_sample_files, write_sample_files
+    assert missing_sample_files(tmp_path) == list(SAMPLE_NAMES)
+    paths = write_sample_files(tmp_path)
+    assert sorted(Path(p).name for p in paths) == sorted(SAMPLE_FILE_NAMES.values())
+    assert missing_sample_files(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(SAMPLE_FILE_NAMES.values())  # no partial files
+    module = (REPO / "GVSLModule" / "GVSLModule.py").read_text(encoding="utf-8")
+    assert "fileNames=SAMPLE_FILE_NAMES[name]" in module  # the registered names are these
+
+
+def grid_transform(scene, name, reference, tag=None):
+    """A non-linear (grid) transform node of a small constant shift."""
+    field = sitk.Compose(*[sitk.Image(reference.GetSize(), sitk.sitkFloat32) + v for v in (1.5, -1.0, 0.5)])
+    field.CopyInformation(reference)
+    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", name)
+    mrml_io.set_grid_from_parent(node, field)
+    if tag:
+        node.SetAttribute(tag, "a|b")
+    return node
+
+
+def test_moving_volume_under_gvsl_transforms_is_matched_as_it_is(scene, tmp_path):
+    """Item 4: the README's way to view the result (moving under the deformable transform)
+    must not break the next Match; under someone else's non-linear transform, a clear error."""
+    from GVSLModuleLib.logic import match_input_image
+    image = small_image(0)[0]
+    moving = add_volume(scene, image, "moving")
+    affine = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "GVSL affine")
+    affine.SetAttribute("GVSL.affine", "a|b")
+    deformable = grid_transform(scene, "GVSL deformable", image, "GVSL.deformable")
+    deformable.SetAndObserveTransformNodeID(affine.GetID())
+    moving.SetAndObserveTransformNodeID(deformable.GetID())
+    with pytest.raises(ValueError, match="non-linear transform"):
+        mrml_io.volume_to_image(moving)
+    read, note = match_input_image(moving)
+    np.testing.assert_allclose(read.GetOrigin(), image.GetOrigin(), atol=1e-9)  # its own geometry
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image))
+    assert "without its parent transform" in note and "GVSL deformable" in note
+    assert GVSLLogic.matchInputNotes(add_volume(scene, image, "fixed"), moving) == [
+        'moving is matched without its parent transform "GVSL deformable" (a GVSL result)']
+    # under GVSL's affine only (linear): also its own geometry, not moved by the old answer
+    moving.SetAndObserveTransformNodeID(affine.GetID())
+    assert match_input_image(moving)[1] is not None
+    # someone else's non-linear transform: refused, saying what to do
+    other = grid_transform(scene, "my warp", image)
+    moving.SetAndObserveTransformNodeID(other.GetID())
+    with pytest.raises(ValueError, match='"my warp": harden it'):
+        match_input_image(moving)
+    moving.SetAndObserveTransformNodeID(deformable.GetID())  # what the child process is given
+    job, _ = GVSLLogic(scene).matchJob(add_volume(scene, small_image(1)[0], "fixed 2"), moving, workFolder=tmp_path)
+    written = sitk.ReadImage(job.args[2])
+    np.testing.assert_allclose(written.GetOrigin(), image.GetOrigin(), atol=1e-9)

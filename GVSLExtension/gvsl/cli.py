@@ -186,11 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target")
 
     p = sub.add_parser("segment", help="segment a volume with a fine-tuned checkpoint")
-    p.add_argument("image", help="volume file, DICOM folder, or FOLDER::SERIES_UID for one series of a folder")
+    p.add_argument("image", help="the volume to segment (any format SimpleITK reads: .nii.gz, .nrrd, ...), "
+                                 "a DICOM folder, or FOLDER::SERIES_UID for one series of a folder")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="output label map (.nii.gz, .nrrd, ...)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--overlap", type=_overlap, default=0.5)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--overlap", type=_overlap, default=0.5,
+                   help="fraction by which neighbouring sliding windows overlap (0 to <1; smaller is faster)")
     p.add_argument("--window-batch", type=_positive_int, default=None,
                    help="sliding windows per forward pass (default: about 128^3 voxels on a CPU, 8 x on a GPU)")
     _precision(p)

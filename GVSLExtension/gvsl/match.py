@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -41,6 +41,14 @@ from .mapping import Mapping, local_jacobian_determinant, voxel_flow_to_lps
 
 ImageLike = Union[str, Path, sitk.Image]
 DEFAULT_MAX_FIELD_VOXELS = 1 << 24  # 16.7 M voxels: 400 MB as an ITK float64 vector field
+# What ``gvsl match --save-state`` writes for the Slicer panel, which must not compute it on
+# its main thread: the local part of the mapping on the moving grid (coarsened to this many
+# voxels, so that the grid transform stays light in Slicer), uncompressed so it reads fast.
+RESIDUAL_FILE = "residual_displacement.nrrd"
+RESIDUAL_MAX_VOXELS = 1 << 22
+# Uncompressed copies of warped.nii.gz and jacobian.nii.gz, also for the panel: inflating
+# the gzip files takes most of a second for a 256x256x300 pair on Slicer's main thread.
+PANEL_IMAGE_FILES = {"warped": "warped.nrrd", "jacobian": "jacobian.nrrd"}
 
 
 def _as_image(image: ImageLike, name: str) -> sitk.Image:
@@ -95,6 +103,18 @@ class MatchResult:
     def physical_affine_matrix(self) -> np.ndarray:
         """4x4 LPS matrix of the answer's affine part (fixed point -> moving point)."""
         return self.mapping.affine
+
+    def residual_displacement(self, max_voxels: int = RESIDUAL_MAX_VOXELS) -> sitk.Image:
+        """The local part of the mapping on the moving image's grid (LPS mm, float32 vectors,
+        ITK resampling direction): ``r(y) = T(P^-1 y) - y``, so ``T = (id + r) o P`` with P
+        the affine part. A moving volume under a grid transform of ``r`` under a linear
+        transform of P is aligned to the fixed volume (what the Slicer panel builds)."""
+        grid = Grid.of(self.moving).coarsened(max_voxels)
+        inverse = np.linalg.inv(self.physical_affine_matrix())
+        y = grid.physical_points()
+        residual = self.map_points(y @ inverse[:3, :3].T + inverse[:3, 3]) - y
+        image = sitk.GetImageFromArray(residual.reshape(*grid.shape, 3).astype(np.float32), isVector=True)
+        return grid.apply_to(image)
 
     def map_points(self, fixed_points_lps, affine_only: bool = False, network: bool = False) -> np.ndarray:
         """Map fixed-space LPS points (K, 3) to moving-space LPS points (the network's own
@@ -156,9 +176,11 @@ class MatchResult:
         return path
 
     @staticmethod
-    def load_state(out_dir, fixed: sitk.Image, moving: sitk.Image) -> "MatchResult":
+    def load_state(out_dir, fixed: sitk.Image, moving: sitk.Image, read_fields: bool = True) -> "MatchResult":
         """A result written by ``gvsl match --save-state`` (the files of :meth:`save` plus
-        ``state.npz``), e.g. by a child process."""
+        ``state.npz``), e.g. by a child process. ``read_fields=False`` skips reading the
+        displacement, warped and Jacobian files (left None), for callers that need only
+        the mapping and the features (heatmaps, point mapping)."""
         out = Path(out_dir)
         state = np.load(out / "state.npz")
         grids = json.loads(str(state["grids"]))
@@ -177,8 +199,10 @@ class MatchResult:
         return MatchResult(
             fixed=fixed, moving=moving, fixed_grid=as_grid(grids["fixed"]), moving_grid=as_grid(grids["moving"]),
             voxel_affine=state["voxel_affine"], local_displacement=torch.from_numpy(state["local_displacement"]),
-            mapping=final, network_mapping=network, affine_transform=affine, displacement=sitk.ReadImage(str(out / "displacement.nii.gz")),
-            warped=sitk.ReadImage(str(out / "warped.nii.gz")), jacobian=sitk.ReadImage(str(out / "jacobian.nii.gz")),
+            mapping=final, network_mapping=network, affine_transform=affine,
+            displacement=sitk.ReadImage(str(out / "displacement.nii.gz")) if read_fields else None,
+            warped=sitk.ReadImage(str(out / "warped.nii.gz")) if read_fields else None,
+            jacobian=sitk.ReadImage(str(out / "jacobian.nii.gz")) if read_fields else None,
             metrics=json.loads(str(state["metrics"])),
             features={key[len("features_"):]: torch.from_numpy(state[key]).float()
                       for key in state.files if key.startswith("features_")},
@@ -235,6 +259,10 @@ class MatchResult:
         return {k: str(v) for k, v in files.items()}
 
 
+class MatchStopped(Exception):
+    """A stop was requested before the network had answered: there is no result to keep."""
+
+
 def foreground_mask(normalized: np.ndarray) -> np.ndarray:
     """Otsu foreground of a [0, 1] volume (D, H, W)."""
     image = sitk.GetImageFromArray(normalized.astype(np.float32))
@@ -246,7 +274,8 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
                max_field_voxels: int = DEFAULT_MAX_FIELD_VOXELS, progress=None,
                refine_iters: Optional[int] = None, similarity: str = "lncc",
                time_budget_s: Optional[float] = None, precision: str = "auto",
-               refine_tolerance: Optional[float] = None) -> MatchResult:
+               refine_tolerance: Optional[float] = None,
+               stop: Optional[Callable[[], bool]] = None) -> MatchResult:
     """Match ``moving`` onto ``fixed`` (SimpleITK images or file paths) with a GVSL model
     (a module, a checkpoint path, or None for the shipped demo model), then refine the
     network's answer on the pair itself (:mod:`gvsl.refine`; ``refine_iters=0`` keeps the
@@ -254,14 +283,19 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
 
     ``spacing_mm`` and ``max_size`` default to the grid the model was trained on (its
     checkpoint's spacing and patch size), so the network sees what it learned from; for
-    weights without that record (the official ones) they default to 1 mm and 128."""
+    weights without that record (the official ones) they default to 1 mm and 128.
+
+    ``stop()`` (polled between stages and before every refinement step) returning True ends
+    the match early: before the network has answered it raises :class:`MatchStopped`;
+    during refinement the result keeps what refinement reached, as a time budget does."""
     from .checkpoint import load_model
     from .refine import SIMILARITIES, RefineOptions, refine_mapping
     from .runtime import pick_device, resolve_precision
 
     if similarity not in SIMILARITIES:
         raise ValueError(f"unknown similarity {similarity!r}; choose one of {', '.join(SIMILARITIES)}")
-    options = RefineOptions(similarity=similarity, time_budget_s=time_budget_s)
+    options = RefineOptions(similarity=similarity, time_budget_s=time_budget_s, stop=stop)
+    stopped = stop or (lambda: False)
     if refine_iters is not None:
         if refine_iters < 0:
             raise ValueError(f"refine_iters must be 0 (network only) or more, got {refine_iters}")
@@ -292,6 +326,8 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
     fixed_w = sitk.GetArrayFromImage(resample_to(fixed_norm, fixed_grid))
     moving_w = sitk.GetArrayFromImage(resample_to(moving_norm, moving_grid))
     seconds["load_resample"] = time.perf_counter() - t0
+    if stopped():
+        raise MatchStopped("stopped before the network ran")
     say("network", 0.2)
 
     t0 = time.perf_counter()
@@ -605,7 +641,8 @@ def summary_line(m: dict) -> str:
     if "refined" in stages:
         r = m["refinement"]
         text += (f" -> refined {stages['refined']:.3f} ({r['iterations']} steps, {r['similarity']}, "
-                 f"start: {r['start']}, {r['seconds']:.1f} s{', time budget reached' if r.get('stopped_by_time_budget') else ''})")
+                 f"start: {r['start']}, {r['seconds']:.1f} s{', time budget reached' if r.get('stopped_by_time_budget') else ''}"
+                 f"{', stopped on request' if r.get('stopped_by_request') else ''})")
     return (text + f"; folding {100 * m['folding_fraction']:.3f} %; working grid {m['working_grid']['shape_dhw']} "
             f"at {m['working_grid']['spacing_mm']:.2f} mm")
 
@@ -613,7 +650,8 @@ def summary_line(m: dict) -> str:
 # What `gvsl match` writes; a result folder from before metrics.json listed its "outputs"
 # is cleaned by these names (and only when its metrics.json says it is a match result).
 _MATCH_OUTPUT = re.compile(r"(affine\.tfm|(network_)?displacement\.nii\.gz|warped\.nii\.gz|jacobian\.nii\.gz|"
-                           r"heatmap_\d+\.nii\.gz|points\.json|report\.png|metrics\.json|state\.npz)")
+                           r"heatmap_\d+\.nii\.gz|points\.json|report\.png|metrics\.json|state\.npz|"
+                           r"residual_displacement\.nrrd|warped\.nrrd|jacobian\.nrrd)")
 
 
 def previous_outputs(out) -> List[str]:
@@ -652,10 +690,10 @@ def remove_previous_outputs(out, previous: Sequence[str], kept: Sequence[str], l
 
 def match_cli(args):
     from .data import image_grid
-    from .runtime import Reporter, error_events
+    from .runtime import Reporter, StopFlag, error_events
     from .safe_io import RunLock, check_writable_folder, remove_stale_temporaries
     reporter = Reporter(args.progress)
-    with error_events(reporter):
+    with error_events(reporter), StopFlag() as stop:
         reporter.event("start", step=0, total=4)
         # Everything that can be checked cheaply is checked before the network runs: the
         # output folder, the images' headers and the query points on them.
@@ -669,19 +707,30 @@ def match_cli(args):
             def progress(stage, fraction):
                 reporter.event("progress", step=int(fraction * 3), total=4, stage=stage, loss={}, eta_s=0.0)
 
-            result = match_pair(args.fixed, args.moving, args.checkpoint, device=args.device, preset=args.preset,
-                                spacing_mm=args.spacing, max_size=args.max_size, progress=progress,
-                                refine_iters=args.refine_iters, similarity=args.similarity,
-                                time_budget_s=args.time_budget, precision=args.precision,
-                                refine_tolerance=args.refine_tolerance)
             previous = previous_outputs(args.out)
+            try:
+                result = match_pair(args.fixed, args.moving, args.checkpoint, device=args.device,
+                                    preset=args.preset, spacing_mm=args.spacing, max_size=args.max_size,
+                                    progress=progress, refine_iters=args.refine_iters, similarity=args.similarity,
+                                    time_budget_s=args.time_budget, precision=args.precision,
+                                    refine_tolerance=args.refine_tolerance, stop=lambda: stop.requested)
+            except MatchStopped as exc:  # nothing to keep: exit 0, as a stopped training run does
+                reporter.event("done", stopped=True, files={}, message=str(exc))
+                return
             files = result.save(args.out, points, report=not args.no_report,
-                                also=("state.npz",) if args.save_state else ())
+                                also=("state.npz", RESIDUAL_FILE, *PANEL_IMAGE_FILES.values())
+                                if args.save_state else ())
             if args.save_state:
+                from .safe_io import StagedFiles
                 files["state"] = str(result.save_state(Path(args.out) / "state.npz"))
+                with StagedFiles(Path(args.out)) as stage:
+                    files["residual"] = str(stage.write_image(RESIDUAL_FILE, result.residual_displacement()))
+                    for key, name in PANEL_IMAGE_FILES.items():
+                        files[f"panel_{key}"] = str(stage.write_image(name, getattr(result, key)))
             remove_previous_outputs(args.out, previous, result.metrics["outputs"], log)
         reporter.event("progress", step=4, total=4, stage="export", loss={}, eta_s=0.0)
         print(summary_line(result.metrics), flush=True)
         if result.metrics["refinement"].get("warning"):
             print(f"warning: {result.metrics['refinement']['warning']}", file=sys.stderr, flush=True)
-        reporter.event("done", files=files, metrics={k: v for k, v in result.metrics.items() if k != "field_grid"})
+        reporter.event("done", files=files, stopped=bool(result.metrics["refinement"].get("stopped_by_request")),
+                       metrics={k: v for k, v in result.metrics.items() if k != "field_grid"})

@@ -45,6 +45,9 @@ class RefineOptions:
     iterations: int = 80
     similarity: str = "lncc"
     time_budget_s: Optional[float] = None
+    # Polled before every step like the time budget: True ends refinement where it is
+    # (the panel's Stop, through gvsl.stopfile); what was reached is kept.
+    stop: Optional[Callable[[], bool]] = None
     max_voxels: int = 1 << 20  # finest level: at most ~1 M voxels (a 2 mm brain, a 3 mm CT)
     levels: int = 3
     min_level_size: int = 24  # no level with a side shorter than this
@@ -71,12 +74,14 @@ class RefineReport:
     levels: List[dict] = field(default_factory=list)
     iterations: int = 0
     stopped_by_time_budget: bool = False
+    stopped_by_request: bool = False
     seconds: float = 0.0
 
     def to_json(self) -> dict:
         return {"start": self.start, "start_losses": self.start_losses, "local_start": self.local_start,
                 "levels": self.levels, "iterations": self.iterations,
-                "stopped_by_time_budget": self.stopped_by_time_budget, "seconds": self.seconds}
+                "stopped_by_time_budget": self.stopped_by_time_budget,
+                "stopped_by_request": self.stopped_by_request, "seconds": self.seconds}
 
 
 class Plateau:
@@ -454,6 +459,9 @@ def refine_mapping(fixed: sitk.Image, moving: sitk.Image, start: Mapping, option
     budget = options.time_budget_s
 
     def out_of_time() -> bool:
+        if report.stopped_by_request or (options.stop is not None and options.stop()):
+            report.stopped_by_request = True
+            return True
         if budget is not None and time.perf_counter() - t_start > budget:
             report.stopped_by_time_budget = True
             return True

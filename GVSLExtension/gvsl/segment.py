@@ -78,14 +78,20 @@ def class_volumes_ml(labels: sitk.Image, classes: List[str]) -> Dict[str, float]
     return {name: float(counts[k + 1]) * voxel_ml for k, name in enumerate(classes)}
 
 
+class SegmentStopped(Exception):
+    """A stop was requested during the sliding window: no label map is written."""
+
+
 class WindowProgress:
     """Turns ``on_windows(done, total)`` calls into ``progress`` events (step = windows done)
     and, once the first batch has been timed, one ``warning`` event when the whole sliding
-    window will take longer than ``LONG_SEGMENTATION_S``."""
+    window will take longer than ``LONG_SEGMENTATION_S``. ``stop()`` returning True (the
+    panel's Stop, through ``gvsl.stopfile``) raises :class:`SegmentStopped` after the batch."""
 
-    def __init__(self, reporter, describe: str):
+    def __init__(self, reporter, describe: str, stop: Optional[Callable[[], bool]] = None):
         self.reporter = reporter
         self.describe = describe
+        self.stop = stop
         self.t0 = time.perf_counter()
         self.warned = False
 
@@ -100,6 +106,8 @@ class WindowProgress:
                 f"a GPU (--device cuda) or a checkpoint trained at a coarser spacing would be faster."),
                 windows=total, estimated_s=elapsed + eta)
         self.reporter.event("progress", step=done, total=total, loss={}, eta_s=eta, unit="windows")
+        if self.stop is not None and self.stop() and done < total:
+            raise SegmentStopped(f"stopped after {done} of {total} sliding windows")
 
 
 LABEL_MAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -116,10 +124,10 @@ def check_label_map_name(out: Path):
 
 
 def segment_cli(args):
-    from .runtime import Reporter, error_events
+    from .runtime import Reporter, StopFlag, error_events
     from .safe_io import StagedFiles, check_writable_folder
     reporter = Reporter(args.progress)
-    with error_events(reporter):
+    with error_events(reporter), StopFlag() as stop:
         out = Path(args.out)
         check_label_map_name(out)
         check_writable_folder(out.parent)  # before the work, not after it
@@ -130,8 +138,15 @@ def segment_cli(args):
         reporter.event("start", step=0, total=0, device=str(segmenter.device), precision=segmenter.precision.as_dict())
         describe = (f"window {'x'.join(map(str, patch))} at the checkpoint's {segmenter.preprocessing.get('spacing', 1.0)} mm, "
                     f"overlap {args.overlap}, {segmenter.device} {segmenter.precision.label}")
-        labels = segmenter(image, overlap=args.overlap, window_batch=getattr(args, "window_batch", None),
-                           on_windows=WindowProgress(reporter, describe))
+        if stop.requested:
+            reporter.event("done", stopped=True, out=None, message="stopped before the sliding window")
+            return
+        try:
+            labels = segmenter(image, overlap=args.overlap, window_batch=getattr(args, "window_batch", None),
+                               on_windows=WindowProgress(reporter, describe, stop=lambda: stop.requested))
+        except SegmentStopped as exc:  # nothing written: exit 0, as a stopped training run does
+            reporter.event("done", stopped=True, out=None, message=str(exc))
+            return
         with StagedFiles(out.parent) as stage:  # the label map and its class list, complete or not at all
             stage.write_image(out.name, labels)
             stage.write_text(out.name.split(".")[0] + "_classes.txt",

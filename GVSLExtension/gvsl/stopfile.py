@@ -6,6 +6,11 @@ may not reach that grandchild either. So the Slicer panel asks for a stop by cre
 file, whose path it passes in the ``GVSL_STOP_FILE`` environment variable (for training
 runs, ``STOP`` in the run folder); ``gvsl.runtime.StopFlag`` polls it once per step. No
 torch here: the panel imports this module before torch may be installed.
+
+A stop file is honoured whatever its timestamp: on a network share the file server's clock
+may differ from this computer's by minutes, so an mtime test would ignore a real request.
+A request left over from an earlier run is removed by whoever starts the next one
+(:func:`clear`, which ``GVSLModuleLib.jobs.GVSLJob.start`` calls before the child starts).
 """
 from __future__ import annotations
 
@@ -16,9 +21,6 @@ from typing import Mapping, Optional, Union
 
 STOP_FILE_ENV = "GVSL_STOP_FILE"
 STOP_FILE_NAME = "STOP"
-# A stop file older than this process (minus file-system timestamp slack) is left over
-# from an earlier run and must not stop this one.
-_STALE_SLACK_S = 2.0
 
 
 class StopFile:
@@ -26,7 +28,6 @@ class StopFile:
 
     def __init__(self, path: Optional[Union[str, Path]]):
         self.path = Path(path) if path else None
-        self._created = time.time()
         self._seen = False
 
     @classmethod
@@ -36,11 +37,7 @@ class StopFile:
     def requested(self) -> bool:
         if self._seen or self.path is None:
             return self._seen
-        try:
-            modified = self.path.stat().st_mtime
-        except OSError:
-            return False
-        self._seen = modified >= self._created - _STALE_SLACK_S
+        self._seen = self.path.exists()  # no mtime test: see the module docstring
         return self._seen
 
 

@@ -14,7 +14,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -29,7 +29,9 @@ from .jobs import GVSLJob
 
 # Slicer's ColdToHotRainbow table; a bare MRML scene (slicer-core) only has the built-in Rainbow.
 HEATMAP_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileColdToHotRainbow.txt", "vtkMRMLColorTableNodeRainbow")
-MAX_RESIDUAL_FIELD_VOXELS = 1 << 22  # 4 M voxels: the grid transform stays light in Slicer
+MAX_RESIDUAL_FIELD_VOXELS = 1 << 22  # 4 M voxels: the grid transform stays light (= gvsl.match.RESIDUAL_MAX_VOXELS)
+RESIDUAL_FILE = "residual_displacement.nrrd"  # = gvsl.match.RESIDUAL_FILE (gvsl.match imports torch)
+PANEL_IMAGE_FILES = {"warped": "warped.nrrd", "jacobian": "jacobian.nrrd"}  # = gvsl.match.PANEL_IMAGE_FILES
 # Above this many voxels the heatmap stays on the (physical, coarser) working grid, so
 # that dragging the query point stays interactive on full-resolution CTs.
 MAX_HEATMAP_IMAGE_VOXELS = 1 << 24
@@ -46,25 +48,60 @@ class MatchPairResult:
     engineResult: "MatchResult" = None
 
 
-@dataclass
 class _LastMatch:
-    result: "MatchResult"
-    fixedNodeID: str
-    movingNodeID: str
+    """The engine's result of the last matched pair, for heatmaps and point mapping. A result
+    imported from a ``gvsl match`` folder is loaded (torch, features) on first use only:
+    importing the result on the main thread then shows the nodes without that cost."""
+
+    def __init__(self, fixedNodeID: str, movingNodeID: str, result: "MatchResult" = None,
+                 load: Optional[Callable[[], "MatchResult"]] = None):
+        self.fixedNodeID, self.movingNodeID = fixedNodeID, movingNodeID
+        self._result, self._load = result, load
+
+    @property
+    def loaded(self) -> bool:
+        return self._result is not None
+
+    @property
+    def result(self) -> "MatchResult":
+        if self._result is None:
+            self._result = self._load()
+        return self._result
 
 
 def residual_displacement(result: "MatchResult", max_voxels: int = MAX_RESIDUAL_FIELD_VOXELS) -> sitk.Image:
-    """The local part of the mapping on the moving image's grid (LPS mm):
-    ``r(y) = T(P^-1 y) - y`` so that ``T = (id + r) o P`` with P the affine part."""
-    from gvsl.conventions import Grid
-    grid = Grid.of(result.moving).coarsened(max_voxels)
-    affine = result.physical_affine_matrix()
-    inverse = np.linalg.inv(affine)
-    y = grid.physical_points()
-    x = y @ inverse[:3, :3].T + inverse[:3, 3]
-    residual = result.map_points(x) - y
-    image = sitk.GetImageFromArray(residual.reshape(*grid.shape, 3), isVector=True)
-    return grid.apply_to(image)
+    """The local part of the mapping on the moving image's grid (see
+    ``gvsl.match.MatchResult.residual_displacement``, which ``gvsl match`` writes)."""
+    return result.residual_displacement(max_voxels)
+
+
+GVSL_TRANSFORM_TAGS = ("GVSL.affine", "GVSL.deformable")
+
+
+def gvsl_result_transform(volumeNode):
+    """The first transform above ``volumeNode`` that Match pair made, or None."""
+    node = volumeNode.GetParentTransformNode() if volumeNode is not None else None
+    while node is not None:
+        if any(node.GetAttribute(tag) for tag in GVSL_TRANSFORM_TAGS):
+            return node
+        node = node.GetParentTransformNode()
+    return None
+
+
+def match_input_image(volumeNode) -> Tuple[sitk.Image, Optional[str]]:
+    """The volume as Match pair reads it, and a note for the user or None.
+
+    A volume under a transform that Match pair made (the README's way to see the result:
+    the moving volume under the deformable transform) is matched as it is, without its
+    parent transforms: matching it again then matches the original volume, not one already
+    moved by the previous answer. Any other linear parent transform is applied; any other
+    non-linear one is refused with what to do (``mrml_io.volume_to_image``)."""
+    own = gvsl_result_transform(volumeNode)
+    if own is None:
+        return mrml_io.volume_to_image(volumeNode), None
+    return (mrml_io.volume_to_image(volumeNode, apply_parent=False),
+            f"{volumeNode.GetName()} was matched without its parent transform \"{own.GetName()}\" "
+            f"(a GVSL result)")
 
 
 def match_options(refineIterations=None, similarity="lncc", timeBudgetSeconds=None, precision="auto") -> Dict:
@@ -116,6 +153,8 @@ def match_summary(metrics: Dict) -> str:
         if refinement.get("improved") is False:
             line += " (did not improve: the network's field is kept)"
         lines.append(line)
+    if refinement.get("stopped_by_request"):
+        lines.append("stopped on request: this is the answer refinement had reached")
     if refinement.get("warning"):
         lines.append("warning: " + str(refinement["warning"]))
     lines.append(f"folding {100 * metrics['folding_fraction']:.3f} % of voxels, Jacobian "
@@ -153,6 +192,31 @@ def heatmap_view_layers(viewNames: Sequence[str], queryVolumeID: str, targetVolu
 
 
 SAMPLE_NAMES = ("GVSLChestCT", "GVSLChestCTDeformed")
+SAMPLE_FILE_NAMES = {name: f"{name}.nrrd" for name in SAMPLE_NAMES}  # the SampleData entries' fileNames
+
+
+def missing_sample_files(folder) -> List[str]:
+    """The sample names whose file is not in ``folder`` (Slicer's remote cache directory)."""
+    return [name for name in SAMPLE_NAMES if not (Path(folder) / SAMPLE_FILE_NAMES[name]).is_file()
+            or (Path(folder) / SAMPLE_FILE_NAMES[name]).stat().st_size == 0]
+
+
+def write_sample_files(folder) -> List[str]:
+    """Generate both samples into ``folder`` under their SampleData file names. Written into
+    Slicer's remote cache directory, ``SampleData.downloadSample(name)`` finds the file there
+    and loads it instead of fetching the placeholder uri (SampleDataLogic.downloadFile skips
+    the download of a non-empty cached file when no checksum is given, Slicer 5.6 to 5.10).
+    Each file is written under a temporary name and renamed, so a reader never sees half."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, image in sample_images().items():
+        path = folder / SAMPLE_FILE_NAMES[name]
+        partial = folder / f".{path.name}.partial.nrrd"
+        sitk.WriteImage(image, str(partial))
+        partial.replace(path)
+        paths.append(str(path))
+    return paths
 
 
 def sample_images() -> Dict[str, sitk.Image]:
@@ -184,8 +248,8 @@ class GVSLLogic:
                   precision="auto") -> MatchPairResult:
         """Run the network (and its refinement) in this process and put its answer in the scene."""
         from gvsl.match import match_pair
-        fixed = mrml_io.volume_to_image(fixedVolumeNode)
-        moving = mrml_io.volume_to_image(movingVolumeNode)
+        fixed, _ = match_input_image(fixedVolumeNode)
+        moving, _ = match_input_image(movingVolumeNode)
         options = match_options(refineIterations, similarity, timeBudgetSeconds, precision)
         result = match_pair(fixed, moving, checkpoint, device=device, preset=preset, progress=progress, **options)
         return self.importMatchResult(result, fixedVolumeNode, movingVolumeNode)
@@ -195,9 +259,20 @@ class GVSLLogic:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = str(folder / "fixed.nrrd"), str(folder / "moving.nrrd")
-        sitk.WriteImage(mrml_io.volume_to_image(fixedVolumeNode), paths[0])
-        sitk.WriteImage(mrml_io.volume_to_image(movingVolumeNode), paths[1])
+        sitk.WriteImage(match_input_image(fixedVolumeNode)[0], paths[0])
+        sitk.WriteImage(match_input_image(movingVolumeNode)[0], paths[1])
         return paths
+
+    @staticmethod
+    def matchInputNotes(fixedVolumeNode, movingVolumeNode) -> List[str]:
+        """What the panel tells the user about how the pair is read (see :func:`match_input_image`)."""
+        notes = []
+        for node in (fixedVolumeNode, movingVolumeNode):
+            own = gvsl_result_transform(node)
+            if own is not None:
+                notes.append(f"{node.GetName()} is matched without its parent transform \"{own.GetName()}\" "
+                             f"(a GVSL result)")
+        return notes
 
     def matchJob(self, fixedVolumeNode, movingVolumeNode, checkpoint=None, device="auto", preset="auto",
                  workFolder=None, refineIterations=None, similarity="lncc", timeBudgetSeconds=None,
@@ -210,40 +285,68 @@ class GVSLLogic:
         return GVSLJob(args, stop_file=folder / "STOP"), str(folder / "result")
 
     def importMatchFolder(self, folder, fixedVolumeNode, movingVolumeNode) -> MatchPairResult:
-        from gvsl.match import MatchResult
-        result = MatchResult.load_state(folder, mrml_io.volume_to_image(fixedVolumeNode),
-                                        mrml_io.volume_to_image(movingVolumeNode))
-        imported = self.importMatchResult(result, fixedVolumeNode, movingVolumeNode)
-        metrics_path = Path(folder) / "metrics.json"
-        if metrics_path.is_file():  # what gvsl match reported last (refinement included)
-            imported.metrics.update(json.loads(metrics_path.read_text(encoding="utf-8")))
+        """The result a ``gvsl match --save-state`` child wrote, in the scene. On the main
+        thread, so it only reads what the nodes show: metrics.json (affine), the residual
+        field the child computed (``RESIDUAL_FILE``), warped and Jacobian volumes (their
+        uncompressed copies, ``PANEL_IMAGE_FILES``, when the folder has them); neither
+        torch nor the features (``state.npz``) are loaded until the first heatmap query."""
+        folder = Path(folder)
+        metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+        residual_path = folder / RESIDUAL_FILE
+
+        def load(read_fields=False):
+            from gvsl.match import MatchResult
+            return MatchResult.load_state(folder, match_input_image(fixedVolumeNode)[0],
+                                          match_input_image(movingVolumeNode)[0], read_fields=read_fields)
+
+        if not residual_path.is_file() or "affine_matrix_lps" not in metrics:  # a folder from an older engine
+            result = load(read_fields=True)
+            imported = self.importMatchResult(result, fixedVolumeNode, movingVolumeNode)
+            imported.metrics.update(metrics)
+            return imported
+
+        def read(key):  # the uncompressed copy gvsl match writes for the panel, else its .nii.gz
+            path = folder / PANEL_IMAGE_FILES[key]
+            return sitk.ReadImage(str(path if path.is_file() else folder / f"{key}.nii.gz"))
+
+        imported = self._importNodes(fixedVolumeNode, movingVolumeNode, np.asarray(metrics["affine_matrix_lps"]),
+                                     sitk.ReadImage(str(residual_path)), read("warped"), read("jacobian"), metrics)
+        self.lastMatch = _LastMatch(fixedVolumeNode.GetID(), movingVolumeNode.GetID(), load=load)
         return imported
 
     def importMatchResult(self, result: "MatchResult", fixedVolumeNode, movingVolumeNode) -> MatchPairResult:
         """Create (or update, for the same pair) the transform, warped and Jacobian nodes."""
+        imported = self._importNodes(fixedVolumeNode, movingVolumeNode, result.physical_affine_matrix(),
+                                     residual_displacement(result), result.warped, result.jacobian,
+                                     dict(result.metrics))
+        imported.engineResult = result
+        self.lastMatch = _LastMatch(fixedVolumeNode.GetID(), movingVolumeNode.GetID(), result=result)
+        return imported
+
+    def _importNodes(self, fixedVolumeNode, movingVolumeNode, affine_lps, residual_lps, warped, jacobian,
+                     metrics) -> MatchPairResult:
         key = f"{fixedVolumeNode.GetID()}|{movingVolumeNode.GetID()}"
         moving_name, fixed_name = movingVolumeNode.GetName(), fixedVolumeNode.GetName()
         affine_node = mrml_io.get_or_create(self.scene, "vtkMRMLLinearTransformNode",
                                             f"GVSL affine {moving_name} to {fixed_name}", key, "affine")
-        mrml_io.set_linear_from_parent(affine_node, result.physical_affine_matrix())
+        mrml_io.set_linear_from_parent(affine_node, affine_lps)
         grid_node = mrml_io.get_or_create(self.scene, "vtkMRMLGridTransformNode",
                                           f"GVSL deformable {moving_name} to {fixed_name}", key, "deformable")
-        mrml_io.set_grid_from_parent(grid_node, residual_displacement(result))
+        mrml_io.set_grid_from_parent(grid_node, residual_lps)
         grid_node.SetAndObserveTransformNodeID(affine_node.GetID())
 
         warped_node = mrml_io.get_or_create(self.scene, "vtkMRMLScalarVolumeNode", f"{moving_name} warped", key,
                                             "warped")
-        mrml_io.update_volume_from_image(warped_node, result.warped)
+        mrml_io.update_volume_from_image(warped_node, warped)
         jacobian_node = mrml_io.get_or_create(self.scene, "vtkMRMLScalarVolumeNode",
                                               f"GVSL Jacobian {moving_name} to {fixed_name}", key, "jacobian")
-        mrml_io.update_volume_from_image(jacobian_node, result.jacobian)
+        mrml_io.update_volume_from_image(jacobian_node, jacobian)
         for node in (warped_node, jacobian_node):
             mrml_io.ensure_display(node)
         display = jacobian_node.GetDisplayNode()
         display.AutoWindowLevelOff()
         display.SetWindowLevelMinMax(0.0, 2.0)
-        self.lastMatch = _LastMatch(result, fixedVolumeNode.GetID(), movingVolumeNode.GetID())
-        return MatchPairResult(affine_node, grid_node, warped_node, jacobian_node, dict(result.metrics), result)
+        return MatchPairResult(affine_node, grid_node, warped_node, jacobian_node, metrics)
 
     def mapFixedPointsToMoving(self, pointsRAS) -> np.ndarray:
         """What the engine says: fixed RAS points -> moving RAS points."""
@@ -294,6 +397,19 @@ class GVSLLogic:
         heatmapNode.SetAttribute("GVSL.bestSimilarity", f"{score:.4f}")
         return heatmapNode, lps_to_ras(best_lps)
 
+    def queryPointNode(self):
+        """The heatmap's query point: a point list that holds one control point at most, so
+        placing again moves it instead of adding point #2 the heatmap would not read."""
+        node = mrml_io.get_or_create(self.scene, "vtkMRMLMarkupsFiducialNode", "GVSL query", "query", "query")
+        node.SetMaximumNumberOfControlPoints(1)
+        return node
+
+    def outputVolumeIDs(self) -> List[str]:
+        """IDs of the volumes GVSL made (warped, Jacobian, heatmap): the panel's volume
+        selectors hide them."""
+        return [n.GetID() for n in mrml_io.nodes_of_class(self.scene, "vtkMRMLScalarVolumeNode")
+                if any(name.startswith("GVSL.") for name in n.GetAttributeNames() or ())]
+
     def updateBestMatchMarkup(self, bestMatchRAS, markupsNode=None):
         if markupsNode is None:
             markupsNode = mrml_io.get_or_create(self.scene, "vtkMRMLMarkupsFiducialNode", "GVSL best match",
@@ -308,7 +424,7 @@ class GVSLLogic:
     def showDeformationGrid(self, show: bool) -> List:
         """Show (or hide) the deformable transforms of Match pair as a grid in slice views.
         A transform display node starts with Visibility 0 and the 2D displayable manager
-        draws only when both Visibility and Visibility2D are on."""
+        draws only when both Visibility and Visibility2D are on. Never in 3D views."""
         shown = []
         for node in mrml_io.nodes_of_class(self.scene, "vtkMRMLGridTransformNode"):
             if not node.GetAttribute("GVSL.deformable"):
@@ -317,6 +433,7 @@ class GVSLLogic:
             display.SetVisualizationMode(display.VIS_MODE_GRID)
             display.SetVisibility(bool(show))
             display.SetVisibility2D(bool(show))
+            display.SetVisibility3D(False)  # a grid over the whole volume hides the 3D view (on by default)
             shown.append(node)
         return shown
 
@@ -444,7 +561,7 @@ class GVSLLogic:
         image = sample_images()[name]
         if folder is not None:
             Path(folder).mkdir(parents=True, exist_ok=True)
-            sitk.WriteImage(image, str(Path(folder) / f"{name}.nrrd"))
+            sitk.WriteImage(image, str(Path(folder) / SAMPLE_FILE_NAMES[name]))
         node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
         mrml_io.update_volume_from_image(node, image)
         mrml_io.ensure_display(node)

@@ -6,8 +6,10 @@ Slicer stores geometry in RAS, ITK files and ``gvsl`` in LPS; the one conversion
 Slicer calls "transform from parent": a moving volume placed under them is aligned to
 the fixed one.
 
-``gvsl.conventions`` is imported inside the functions that use it: it imports torch, and
-the panel builds this library before it has offered to install torch.
+No torch: ``gvsl.conventions`` imports torch, so the one LPS <-> RAS flip it defines is
+repeated here (``Testing/test_slicer_panel.py`` checks that both agree). The panel builds
+this library before it has offered to install torch, and importing a match result on the
+main thread must not pay for importing torch.
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ import numpy as np
 import SimpleITK as sitk
 import slicer
 import vtk
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])  # = gvsl.conventions.LPS_TO_RAS (its own inverse)
+LPS_TO_RAS_4X4 = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def _vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
@@ -37,20 +42,23 @@ def ijk_to_ras(volume_node) -> np.ndarray:
     return _np_matrix(m)
 
 
-def volume_to_image(volume_node) -> sitk.Image:
+def volume_to_image(volume_node, apply_parent: bool = True) -> sitk.Image:
     """A scalar volume node as a SimpleITK image with the same physical geometry (LPS).
-    A linear parent transform is applied to the geometry; a non-linear one is refused."""
+    A linear parent transform is applied to the geometry (unless ``apply_parent`` is
+    False: the volume in its own coordinates); a non-linear one is refused."""
     if volume_node is None or volume_node.GetImageData() is None:
-        raise ValueError("the volume node holds no image data")
+        raise ValueError(f"{volume_node.GetName() if volume_node is not None else 'the volume'}: "
+                         f"the volume node holds no image data")
     matrix = ijk_to_ras(volume_node)
-    parent = volume_node.GetParentTransformNode()
+    parent = volume_node.GetParentTransformNode() if apply_parent else None
     if parent is not None:
         if not parent.IsTransformToWorldLinear():
-            raise ValueError(f"{volume_node.GetName()}: is under a non-linear transform; harden it first")
+            raise ValueError(f"{volume_node.GetName()} is under the non-linear transform \"{parent.GetName()}\": "
+                             f"harden it (Data module: right-click the volume, Harden transform) or move the "
+                             f"volume out of that transform, then try again")
         to_world = vtk.vtkMatrix4x4()
         parent.GetMatrixTransformToWorld(to_world)
         matrix = _np_matrix(to_world) @ matrix
-    from gvsl.conventions import LPS_TO_RAS_4X4
     lps = LPS_TO_RAS_4X4 @ matrix  # the flip is its own inverse
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     array = slicer.util.arrayFromVolume(volume_node)  # (K, J, I)
@@ -61,19 +69,22 @@ def volume_to_image(volume_node) -> sitk.Image:
     return image
 
 
-def set_geometry(volume_node, grid):
-    from gvsl.conventions import LPS_TO_RAS_4X4
+def _direction(image: sitk.Image) -> np.ndarray:
+    return np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+
+
+def set_geometry(volume_node, image: sitk.Image):
+    """The volume node's IJK-to-RAS matrix from a SimpleITK image's (LPS) geometry."""
     lps = np.eye(4)
-    lps[:3, :3] = grid.direction_matrix @ np.diag(grid.spacing)
-    lps[:3, 3] = grid.origin
+    lps[:3, :3] = _direction(image) @ np.diag(image.GetSpacing())
+    lps[:3, 3] = image.GetOrigin()
     volume_node.SetIJKToRASMatrix(_vtk_matrix(LPS_TO_RAS_4X4 @ lps))
 
 
 def update_volume_from_image(volume_node, image: sitk.Image):
     """Copy voxels and geometry of a SimpleITK image into an existing volume node."""
-    from gvsl.conventions import Grid
-    slicer.util.updateVolumeFromArray(volume_node, sitk.GetArrayFromImage(image))
-    set_geometry(volume_node, Grid.of(image))
+    slicer.util.updateVolumeFromArray(volume_node, sitk.GetArrayViewFromImage(image))
+    set_geometry(volume_node, image)
     return volume_node
 
 
@@ -108,27 +119,25 @@ def ensure_display(node):
 
 def set_linear_from_parent(transform_node, matrix_lps: np.ndarray):
     """Store an ITK-convention (fixed -> moving, LPS) affine as the node's transform from parent."""
-    from gvsl.conventions import LPS_TO_RAS_4X4 as FLIP4
-    transform_node.SetMatrixTransformFromParent(_vtk_matrix(FLIP4 @ matrix_lps @ FLIP4))
+    transform_node.SetMatrixTransformFromParent(_vtk_matrix(LPS_TO_RAS_4X4 @ matrix_lps @ LPS_TO_RAS_4X4))
 
 
 def set_grid_from_parent(transform_node, displacement_lps: sitk.Image):
     """Store an ITK displacement field (LPS vectors, resampling direction) as the grid
     transform node's transform from parent."""
-    from gvsl.conventions import LPS_TO_RAS, Grid
-    grid = Grid.of(displacement_lps)
-    vectors = sitk.GetArrayFromImage(displacement_lps).astype(np.float64) @ LPS_TO_RAS.T
+    vectors = sitk.GetArrayViewFromImage(displacement_lps).astype(np.float64)  # a copy
+    vectors[..., :2] *= -1.0  # @ LPS_TO_RAS.T, without a matrix product over millions of vectors
     image_data = vtk.vtkImageData()
-    image_data.SetDimensions(*grid.size)
-    image_data.SetSpacing(*grid.spacing)
-    image_data.SetOrigin(*(LPS_TO_RAS @ np.asarray(grid.origin)))
+    image_data.SetDimensions(*displacement_lps.GetSize())
+    image_data.SetSpacing(*displacement_lps.GetSpacing())
+    image_data.SetOrigin(*(LPS_TO_RAS @ np.asarray(displacement_lps.GetOrigin())))
     from vtk.util import numpy_support
     flat = np.ascontiguousarray(vectors.reshape(-1, 3))
     array = numpy_support.numpy_to_vtk(flat, deep=True, array_type=vtk.VTK_DOUBLE)
     array.SetNumberOfComponents(3)
     image_data.GetPointData().SetScalars(array)
     direction = vtk.vtkMatrix4x4()
-    ras_direction = LPS_TO_RAS @ grid.direction_matrix
+    ras_direction = LPS_TO_RAS @ _direction(displacement_lps)
     for r in range(3):
         for c in range(3):
             direction.SetElement(r, c, float(ras_direction[r, c]))
@@ -155,6 +164,8 @@ def segmentation_to_labelmap(scene, segmentation_node, reference_volume_node) ->
     ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
     names = [segmentation.GetSegment(i).GetName() for i in ids]
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__gvsl_temp__")
+    # The export adds a "<segmentation>_ColorTable" node for the label map: removed with it.
+    colors_before = {n.GetID() for n in nodes_of_class(scene, "vtkMRMLColorNode")}
     try:
         id_array = vtk.vtkStringArray()
         for i in ids:
@@ -166,6 +177,9 @@ def segmentation_to_labelmap(scene, segmentation_node, reference_volume_node) ->
         image = volume_to_image(labelmap)
     finally:
         scene.RemoveNode(labelmap)
+        for node in nodes_of_class(scene, "vtkMRMLColorNode"):
+            if node.GetID() not in colors_before:
+                scene.RemoveNode(node)
     return sitk.Cast(image, sitk.sitkUInt8), names
 
 
