@@ -15,10 +15,13 @@ from gvsl.network import SegmentationNet, use_channels_last
 from gvsl.runtime import cpu_has_native_bf16, resolve_precision
 from gvsl.samples import deformed_copy, random_deformation, synthetic_volume
 
-# bf16 against fp32 on the shipped model, a 48^3 pair with displacements up to ~3.5 voxels.
-# Measured: largest field difference 0.04 voxel, mean 0.002; feature cosine >= 0.9993.
-FIELD_TOLERANCE_MAX_VOXELS = 0.1
-FIELD_TOLERANCE_MEAN_VOXELS = 0.01
+# bf16 against fp32 on the shipped model (correlation matching since issue 15), a 48^3 pair;
+# the model's field reaches 9.5 voxels there. Measured: largest field difference 0.12 voxel,
+# mean 0.015; feature cosine >= 0.9998. The soft-argmax over feature similarities turns the
+# features' tiny bf16 differences into ~1 % of the displacement (the previous model's fields
+# were ~3.5 voxels and within 0.04).
+FIELD_TOLERANCE_MAX_VOXELS = 0.2
+FIELD_TOLERANCE_MEAN_VOXELS = 0.03
 FEATURE_COSINE_MIN = 0.995
 FEATURE_COSINE_MEAN = 0.999
 

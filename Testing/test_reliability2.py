@@ -361,7 +361,8 @@ def test_a_new_match_removes_the_previous_results_extra_files_and_nothing_else(v
     (out / "heatmap_7.nii.gz").write_bytes(b"not the tool's")  # a name like ours, not written by the tool
     code, _, err = run_cli(capsys, *match_args(volumes, out, tiny_checkpoint, *fast))
     assert code == 0, err
-    assert "removed 4 file(s) of the previous result" in err
+    # points.json, heatmap_0, report.png, state.npz and --save-state's three panel files
+    assert "removed 7 file(s) of the previous result" in err
     now = sorted(p.name for p in out.iterdir())
     assert now == sorted(["affine.tfm", "displacement.nii.gz", "warped.nii.gz", "jacobian.nii.gz", "metrics.json",
                           "notes.txt", "heatmap_7.nii.gz"]), now

@@ -92,11 +92,14 @@ def warp_labels(labels: sitk.Image, fixed: sitk.Image, displacement: sitk.Image)
 # ------------------------------------------------------------------------ methods
 
 
+CHECKPOINT = None  # --checkpoint: another model than the shipped one
+
+
 def run_gvsl(pair, workdir: Path, refine: bool):
     from gvsl.match import match_pair
     preset = "ct" if pair.modality == "CT" else "mr"
     t0 = time.perf_counter()
-    result = match_pair(pair.fixed, pair.moving, None, device="cpu", preset=preset,
+    result = match_pair(pair.fixed, pair.moving, CHECKPOINT, device="cpu", preset=preset,
                         refine_iters=None if refine else 0)
     seconds = time.perf_counter() - t0
     info = {"refinement_start": result.metrics["refinement"].get("start"),
@@ -171,7 +174,10 @@ def main(argv=None):
     parser.add_argument("--no-cross-subject", action="store_true")
     parser.add_argument("--brain-spacing", type=float, default=2.0)
     parser.add_argument("--json", default=None, help="also write every row here")
+    parser.add_argument("--checkpoint", default=None, help="GVSL model to measure (default: the shipped one)")
     args = parser.parse_args(argv)
+    global CHECKPOINT
+    CHECKPOINT = args.checkpoint
     threads = os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
     print(f"threads: torch {__import__('torch').get_num_threads()}, ITK {threads or 'default'}", flush=True)
 

@@ -713,7 +713,7 @@ def match_cli(args):
                                     preset=args.preset, spacing_mm=args.spacing, max_size=args.max_size,
                                     progress=progress, refine_iters=args.refine_iters, similarity=args.similarity,
                                     time_budget_s=args.time_budget, precision=args.precision,
-                                    refine_tolerance=args.refine_tolerance, stop=lambda: stop.requested)
+                                    refine_tolerance=getattr(args, "refine_tolerance", None), stop=lambda: stop.requested)
             except MatchStopped as exc:  # nothing to keep: exit 0, as a stopped training run does
                 reporter.event("done", stopped=True, files={}, message=str(exc))
                 return
