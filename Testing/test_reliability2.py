@@ -15,18 +15,7 @@ from gvsl.cli import main as gvsl_main
 from gvsl.data import InputError
 from gvsl.safe_io import LOCK_NAME, TEMP_PREFIX
 from gvsl.samples import synthetic_volume
-
-
-def run_cli(capsys, *args):
-    code = gvsl_main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def error_line(stderr):
-    lines = [ln for ln in stderr.splitlines() if ": error: " in ln]
-    assert len(lines) == 1, stderr
-    return lines[0]
+from test_reliability import error_line, run_cli  # one in-process CLI runner for both probes
 
 
 @pytest.fixture(scope="module")

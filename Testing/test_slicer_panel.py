@@ -34,21 +34,26 @@ def small_image(seed=0):
     return image, labels
 
 
+def heavy_modules_after(snippet: str) -> str:
+    """Run ``snippet`` in a fresh interpreter with the engine and the panel library on the
+    path; which of torch and monai it left imported, as printed (e.g. "[]")."""
+    code = ("import sys\n"
+            f"sys.path[:0] = [{str(REPO / 'GVSLExtension')!r}, {str(REPO / 'GVSLModule')!r}]\n"
+            + snippet + "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
 # ------------------------------------------------------------ defect 2: lazy imports
 def test_engine_and_panel_library_import_neither_torch_nor_monai():
-    code = (
-        "import sys\n"
-        f"sys.path[:0] = [{str(REPO / 'GVSLExtension')!r}, {str(REPO / 'GVSLModule')!r}]\n"
+    assert heavy_modules_after(
         "import gvsl, gvsl.stopfile, GVSLModuleLib\n"
         "from GVSLModuleLib import dependencies, jobs, logic, mrml_io\n"
         "import slicer\n"
         "core = logic.GVSLLogic(slicer.vtkMRMLScene())\n"
         "job = jobs.GVSLJob(['match', 'a', 'b', '--out', 'c'])\n"
-        "assert callable(gvsl.__getattr__) and 'load_model' in dir(gvsl)\n"
-        "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+        "assert callable(gvsl.__getattr__) and 'load_model' in dir(gvsl)\n") == "[]"
 
 
 def test_lazy_engine_names_still_resolve():
@@ -332,9 +337,8 @@ def test_device_probe_reports_a_broken_torch(tmp_path):
 def test_panel_library_modules_do_not_import_torch_at_setup():
     """Item 3: what GVSLModuleWidget.setup() imports (dependencies, logic, jobs) and the
     segmentation export (item 4) run without importing torch."""
-    code = (
-        "import sys, tempfile\n"
-        f"sys.path[:0] = [{str(REPO / 'GVSLExtension')!r}, {str(REPO / 'GVSLModule')!r}]\n"
+    assert heavy_modules_after(
+        "import tempfile\n"
         "import SimpleITK as sitk, slicer\n"
         "from GVSLModuleLib import dependencies, logic, mrml_io\n"
         "dependencies.DeviceProbe(python=[sys.executable])\n"
@@ -344,11 +348,7 @@ def test_panel_library_modules_do_not_import_torch_at_setup():
         "volume = mrml_io.update_volume_from_image(scene.AddNewNodeByClass('vtkMRMLScalarVolumeNode', 'v'), image)\n"
         "core = logic.GVSLLogic(scene)\n"
         "seg = core.labelmapToSegmentation(labels, ['a'], 'seg')\n"
-        "core.exportTrainingSet([(volume, seg)], tempfile.mkdtemp())\n"
-        "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+        "core.exportTrainingSet([(volume, seg)], tempfile.mkdtemp())\n") == "[]"
 
 
 def test_query_point_node_holds_one_point(scene):

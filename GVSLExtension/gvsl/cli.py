@@ -16,25 +16,17 @@ def _patch(text: str) -> List[int]:
     return parts
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"wants a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"wants a whole number >= 1, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    """A whole number >= 0 (0 = none, e.g. --refine-iters 0)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"wants a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"wants a whole number >= 0, got {text!r}")
-    return value
+def _whole_number(minimum: int):
+    """An argparse type: a whole number >= ``minimum`` (0 allows "none", e.g. --refine-iters 0)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"wants a whole number >= {minimum}, got {text!r}")
+        return value
+    return parse
 
 
 def _finite(text: str) -> float:
@@ -47,40 +39,24 @@ def _finite(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> float:
-    value = _finite(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"wants a number > 0, got {text!r}")
-    return value
+def _finite_where(accept, wanted: str):
+    """An argparse type: a finite number for which ``accept(value)`` holds, else "wants WANTED"."""
+    def parse(text: str) -> float:
+        value = _finite(text)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"wants {wanted}, got {text!r}")
+        return value
+    return parse
 
 
-def _non_negative(text: str) -> float:
-    value = _finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"wants a number >= 0, got {text!r}")
-    return value
-
-
-def _fraction_below_one(text: str) -> float:
-    """[0, 1): a validation fraction of 1 would leave nothing to train on."""
-    value = _finite(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"wants a fraction in [0, 1), got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _finite(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"wants a fraction in [0, 1], got {text!r}")
-    return value
-
-
-def _overlap(text: str) -> float:
-    value = _finite(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"wants a fraction in [0, 1), got {text!r}")
-    return value
+_positive_int = _whole_number(1)
+_count = _whole_number(0)
+_positive = _finite_where(lambda v: v > 0, "a number > 0")
+_non_negative = _finite_where(lambda v: v >= 0, "a number >= 0")
+# [0, 1): a validation fraction of 1 would leave nothing to train on; an overlap of 1 never moves.
+_fraction_below_one = _finite_where(lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+_overlap = _fraction_below_one
+_fraction = _finite_where(lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
 
 
 def _precision(p: argparse.ArgumentParser):
