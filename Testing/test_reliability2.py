@@ -43,6 +43,7 @@ def match_args(volumes, out, checkpoint, *extra):
     ("match", "--max-size", "0", "wants a whole number >= 1"),
     ("match", "--time-budget", "-1", "wants a number > 0"),
     ("match", "--time-budget", "nan", "wants a finite number"),
+    ("match", "--refine-tolerance", "-1", "wants a number >= 0"),
     ("pretrain", "--iters", "-3", "wants a whole number >= 1"),
     ("pretrain", "--ckpt-every", "0", "wants a whole number >= 1"),
     ("pretrain", "--log-every", "0", "wants a whole number >= 1"),

@@ -91,7 +91,7 @@ def _refine_options(p: argparse.ArgumentParser):
                    help="refinement similarity: lncc (local NCC, same modality) or mind (MIND-SSC, CT<->MR)")
     p.add_argument("--time-budget", type=_positive, default=None, metavar="SECONDS",
                    help="stop the refinement after this many seconds and keep what it reached")
-    p.add_argument("--refine-tolerance", type=float, default=None, metavar="LOSS",
+    p.add_argument("--refine-tolerance", type=_non_negative, default=None, metavar="LOSS",
                    help="end a refinement stage once its loss improved by less than this over "
                         f"{RefineOptions.patience} steps; 0 = every step (default {RefineOptions.tolerance})")
 
