@@ -123,3 +123,18 @@ def test_working_grids_cover_both_images_and_cap_size():
     assert all(s % 16 == 0 for s in grids[0].shape)
     extent = np.asarray(grids[0].size) * np.asarray(grids[0].spacing)
     assert np.all(extent >= np.array([80, 60, 80]) - 1e-6)
+
+
+def test_pairs_within_groups_never_mix_regions():
+    arrays = [np.full((20, 20, 20), value, np.float32) for value in (1, 2, 3, 4, 5)]
+    groups = ["chest", "head", "head", "head", "pelvis"]
+    sampler = PairSampler(arrays, (8, 8, 8), seed=0, groups=groups)
+    seen = set()
+    for _ in range(60):
+        a, b = sampler.sample(1)
+        pair = (int(a[0, 0, 0, 0, 0]), int(b[0, 0, 0, 0, 0]))
+        assert pair[0] != pair[1] and set(pair) <= {2, 3, 4}, pair
+        seen.add(pair)
+    assert len(seen) == 6  # every ordered pair of the three heads is drawn
+    with pytest.raises(ValueError, match="no folder holds two"):
+        PairSampler(arrays[:2], (8, 8, 8), seed=0, groups=["chest", "head"])

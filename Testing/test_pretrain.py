@@ -90,3 +90,25 @@ def test_two_rank_gloo_run_keeps_parameters_identical(phantom_folder, tmp_path):
     ckpt = read_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
     assert ckpt["step"] == 3 and len(ckpt["sampler_states"]) == 2
     assert ckpt["sampler_states"][0] != ckpt["sampler_states"][1]  # each rank draws its own pairs
+
+
+def test_cosine_schedule_decays_to_final_lr_and_resume_continues_the_curve(pair_folder, tmp_path):
+    from gvsl.pretrain import scheduled_lr
+    cfg = PretrainConfig(data=str(pair_folder), out=str(tmp_path / "run"), patch=[16, 16, 16], iters=6,
+                         batch=1, lr=1e-3, lr_schedule="cosine", lr_final=1e-5, width=0.25, device="cpu",
+                         log_every=1, ckpt_every=3, augment=False, seed=0)
+    assert scheduled_lr(cfg, 0) == pytest.approx(1e-3)
+    assert scheduled_lr(cfg, 5) == pytest.approx(1e-5)
+    assert scheduled_lr(cfg, 1) > scheduled_lr(cfg, 2) > scheduled_lr(cfg, 3)
+    run_pretrain(cfg, progress="text")
+    first = [r["lr"] for r in metrics(tmp_path / "run")]
+    assert first == pytest.approx([scheduled_lr(cfg, s) for s in range(6)])
+
+    # Stopped at step 3 and resumed: the same curve, not a restart from --lr.
+    cfg3 = PretrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "resumed"), "iters": 3})
+    run_pretrain(cfg3, progress="text")
+    resumed = PretrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "resumed"), "resume": True})
+    run_pretrain(resumed, progress="text")
+    assert [r["lr"] for r in metrics(tmp_path / "resumed")][-3:] == pytest.approx(first[-3:])
+    assert PretrainConfig(**{**cfg.__dict__, "lr_schedule": "constant"}).lr == 1e-3
+    assert scheduled_lr(PretrainConfig(**{**cfg.__dict__, "lr_schedule": "constant"}), 5) == 1e-3

@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(soft-argmax of stride-4 feature similarity, affine fitted to it; see gvsl.network)")
     p.add_argument("--field-weight", type=_non_negative, default=1.0,
                    help="weight of the known-field loss on those pairs (default 1)")
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                   help="constant --lr, or cosine from --lr down to --lr-final over --iters")
+    p.add_argument("--lr-final", type=_non_negative, default=1e-5, help="last learning rate of the cosine schedule")
+    p.add_argument("--pairs-within", default="any", choices=["any", "folder"],
+                   help="two-volume pairs from any two volumes, or only from two volumes in one folder "
+                        "(one body region per folder)")
 
     p = sub.add_parser("match", help="match a pair of volumes in physical space")
     p.add_argument("fixed", help="volume file, DICOM folder, or FOLDER::SERIES_UID for one series of a folder")
@@ -205,7 +211,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  log_every=args.log_every, preset=args.preset, spacing=args.spacing,
                                  cache_dir=args.cache_dir, resume=args.resume, init=args.init,
                                  augment=not args.no_augment, known_pairs=args.known_pairs,
-                                 matching=args.matching)
+                                 matching=args.matching, lr_schedule=args.lr_schedule, lr_final=args.lr_final,
+                                 pairs_within=args.pairs_within)
             cfg.weights["field"] = args.field_weight
             run_pretrain(cfg, progress=args.progress)
         elif args.command == "match":

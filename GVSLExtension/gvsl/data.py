@@ -558,10 +558,24 @@ class PairSampler:
     roughly the same anatomy (the official code used whole pre-cropped volumes); the
     spatial augmentation then gives the Z-matching head its task. One RNG per rank."""
 
-    def __init__(self, arrays: Sequence[np.ndarray], patch: Sequence[int], seed: int):
+    def __init__(self, arrays: Sequence[np.ndarray], patch: Sequence[int], seed: int,
+                 groups: Optional[Sequence[str]] = None):
+        """``groups``: one label per array; when given, a pair's two volumes share a label
+        (same body region). Labels held by a single volume give no pairs."""
         self.arrays = list(arrays)
         self.patch = tuple(int(p) for p in patch)
         self.rng = np.random.default_rng(seed)
+        self.pair_pool = None
+        if groups is not None:
+            if len(groups) != len(self.arrays):
+                raise ValueError(f"{len(groups)} group labels for {len(self.arrays)} volumes")
+            members = {}
+            for index, label in enumerate(groups):
+                members.setdefault(label, []).append(index)
+            self.pair_pool = [m for m in members.values() if len(m) >= 2]
+            if not self.pair_pool:
+                raise ValueError("no folder holds two training volumes, so no same-region pair can be drawn; "
+                                 "put two volumes of one body region in one folder, or draw pairs from any two")
 
     def crop(self, array: np.ndarray, position: Sequence[float]) -> np.ndarray:
         """The patch at relative ``position`` (0..1 per axis) of ``array``."""
@@ -583,7 +597,11 @@ class PairSampler:
         """Two float32 arrays (batch, 1, *patch)."""
         a, b = [], []
         for _ in range(batch):
-            i, j = self.rng.choice(len(self.arrays), size=2, replace=False)
+            if self.pair_pool is None:
+                i, j = self.rng.choice(len(self.arrays), size=2, replace=False)
+            else:
+                pool = self.pair_pool[int(self.rng.integers(len(self.pair_pool)))]
+                i, j = self.rng.choice(pool, size=2, replace=False)
             position = self.rng.random(3)
             a.append(self.crop(self.arrays[i], position))
             b.append(self.crop(self.arrays[j], position))

@@ -1,7 +1,9 @@
 """``gvsl pretrain``: GVSL self-supervised pre-training, from one CPU to many GPUs."""
 from __future__ import annotations
 
+import math
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
@@ -46,6 +48,23 @@ class PretrainConfig:
     known_pairs: float = 0.0
     known: dict = field(default_factory=lambda: KnownPairConfig().to_json())
     matching: str = "official"  # Z-matching head: official | correlation (see network.GVSL)
+    # constant, or cosine from lr down to lr_final over the run: a step-wise function of the
+    # step, so a resumed run continues the same curve.
+    lr_schedule: str = "constant"
+    lr_final: float = 1e-5
+    # Two-volume pairs drawn from any two volumes, or only from two volumes of the same folder
+    # (one body region per folder: a chest crop is never matched to a head).
+    pairs_within: str = "any"
+
+
+def scheduled_lr(cfg: "PretrainConfig", step: int) -> float:
+    """Learning rate for optimiser step ``step`` (0-based) of ``cfg``."""
+    if cfg.lr_schedule == "constant":
+        return float(cfg.lr)
+    if cfg.lr_schedule != "cosine":
+        raise ValueError(f"unknown lr schedule {cfg.lr_schedule!r} (constant or cosine)")
+    t = min(max(step / max(cfg.iters - 1, 1), 0.0), 1.0)
+    return float(cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1.0 + math.cos(math.pi * t)))
 
 
 def run_pretrain(cfg: PretrainConfig, progress: str = "auto") -> dict:
@@ -96,7 +115,12 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
     check_training_patch(cfg.patch, cfg.batch, cfg.width, model, device, precision, arrays, warn=log)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = precision.grad_scaler()
-    sampler = PairSampler(arrays, cfg.patch, seed=cfg.seed * 1000 + ddp.rank)
+    groups = None
+    if cfg.pairs_within == "folder":
+        groups = [str(Path(path).resolve().parent) for path in report.used]
+    elif cfg.pairs_within != "any":
+        raise ValueError(f"pairs_within must be 'any' or 'folder', not {cfg.pairs_within!r}")
+    sampler = PairSampler(arrays, cfg.patch, seed=cfg.seed * 1000 + ddp.rank, groups=groups)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed * 1000 + ddp.rank + 1)
     known_source = KnownPairSource(sampler, cfg.patch, KnownPairConfig(**cfg.known), generator, device)
@@ -142,6 +166,8 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
         model.train()
         while step < cfg.iters:
             t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = scheduled_lr(cfg, step)
             truth = None
             with torch.no_grad():
                 # The sampler's RNG decides, so a resumed run draws the same kinds of pairs.
