@@ -1,0 +1,314 @@
+"""GVSL in the browser: open a pair, Match pair in a child process (progress, Cancel), see
+the fixed volume with the warped one over it and the deformation grid, click a point for the
+similarity heatmap and best match in the other volume, download the result folder.
+
+    python -m GVSLWeb --data-root /path/to/volumes          # http://127.0.0.1:8080
+    python -m GVSLWeb --host 0.0.0.0 --token SECRET ...     # other hosts: open /?secret=SECRET
+
+Views are Slicer's own slice views (slicer-core's MRML displayable managers) rendered off
+screen by trame-slicer and streamed as images; the page's buttons call ``WebSession``.
+Render with EGL (Mesa) when there is no display: ``VTK_DEFAULT_OPENGL_WINDOW`` is set to
+``vtkEGLRenderWindow`` unless the user chose otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+
+from trame.app import TrameApp  # noqa: E402
+from trame.app.file_upload import ClientFile  # noqa: E402
+from trame.decorators import change  # noqa: E402
+from trame.widgets import html  # noqa: E402
+from trame.widgets import vuetify3 as v3  # noqa: E402
+from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout  # noqa: E402
+
+from trame_slicer.core import LayoutManager, SlicerApp  # noqa: E402
+from trame_slicer.rca_view import register_rca_factories  # noqa: E402
+from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # noqa: E402
+
+from .session import SessionError, WebSession  # noqa: E402
+
+QUERY_VIEW, TARGET_VIEW = "Red", "Yellow"  # = GVSLModuleLib.logic.HEATMAP_QUERY_VIEW and another slice view
+POLL_INTERVAL_S = 0.25
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class GVSLWebApp(TrameApp):
+    def __init__(self, server=None, data_root=None, work_dir=None, checkpoint=None, device="auto"):
+        super().__init__(server)
+        self.slicer_app = SlicerApp()
+        work_dir = Path(work_dir or tempfile.mkdtemp(prefix="gvsl-web-"))
+        self.session = WebSession(self.slicer_app.scene, work_dir, data_root=data_root, checkpoint=checkpoint,
+                                  device=device)
+        register_rca_factories(self.slicer_app.view_manager, self.server)
+        self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
+        pair = Layout(LayoutDirection.Horizontal, [
+            ViewLayoutDefinition.slice_view("Axial", label=QUERY_VIEW, color="#F34A33"),
+            ViewLayoutDefinition.slice_view("Axial", label=TARGET_VIEW, color="#EFD64D"),
+        ])
+        self.layout_manager.register_layout("GVSL pair", pair)
+        self.layout_manager.set_layout("GVSL pair")
+        self._query_node = None
+        self._poll_task = None
+        self._init_state()
+        self._build_ui()
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self):
+        s = self.state
+        s.trame__title = "GVSL"
+        s.update({"fixed_path": "", "moving_path": "", "fixed_upload": None, "moving_upload": None,
+                  "fixed_name": "", "moving_name": "", "error": "", "match_state": "idle", "match_progress": 0,
+                  "match_message": "", "summary": "", "overlay_opacity": 0.5, "show_grid": True,
+                  "show_jacobian": False, "best_match": "", "query_point": "", "busy": False,
+                  "data_root": str(self.session.data_root or "")})
+
+    def _fail(self, error: Exception):
+        self.state.error = str(error)
+
+    def _views(self):
+        return (self.slicer_app.view_manager.get_view(QUERY_VIEW), self.slicer_app.view_manager.get_view(TARGET_VIEW))
+
+    def _show_inputs(self):
+        fixed, moving = (self.session.volumes.get(r) for r in ("fixed", "moving"))
+        query_view, target_view = self._views()
+        for view, node in ((query_view, fixed), (target_view, moving)):
+            if node is not None:
+                view.set_background_volume_id(node.GetID())
+                view.set_foreground_volume_id(None)
+                view.fit_view_to_content()
+                view.schedule_render()
+        self.state.fixed_name = fixed.GetName() if fixed is not None else ""
+        self.state.moving_name = moving.GetName() if moving is not None else ""
+
+    # ------------------------------------------------------------------ inputs
+    def open_path(self, role):
+        self.state.error = ""
+        try:
+            self.session.load_path(role, self.state[f"{role}_path"])
+            self._show_inputs()
+        except SessionError as error:
+            self._fail(error)
+
+    @change("fixed_upload", "moving_upload")
+    def _on_upload(self, **kwargs):
+        for role in ("fixed", "moving"):
+            upload = self.state[f"{role}_upload"]
+            if not upload:
+                continue
+            self.state[f"{role}_upload"] = None
+            upload = upload[0] if isinstance(upload, list) else upload
+            client_file = ClientFile(upload)
+            self.state.error = ""
+            try:
+                self.session.load_upload(role, client_file.name, client_file.content)
+                self._show_inputs()
+            except SessionError as error:
+                self._fail(error)
+
+    def open_sample_pair(self):
+        self.state.error = ""
+        self.session.load_sample_pair()
+        self._show_inputs()
+
+    # ------------------------------------------------------------------- match
+    def match_pair(self):
+        self.state.error = ""
+        try:
+            status = self.session.start_match()
+        except SessionError as error:
+            self._fail(error)
+            return
+        self.state.update({"match_state": status.state, "match_progress": 0, "match_message": status.message,
+                           "summary": "", "best_match": ""})
+        if self._poll_task is None or self._poll_task.done():
+            self._poll_task = asyncio.ensure_future(self._poll_match())
+
+    def cancel_match(self):
+        if self.session.job is not None and self.session.job.running:
+            self.session.job.request_stop()  # the poll loop sees the child end (and kills it if overdue)
+            self.state.match_message = "cancelling..."
+
+    async def _poll_match(self):
+        while True:
+            job = self.session.job
+            if job is not None:
+                job.kill_if_overdue(grace_s=20.0)
+            status = self.session.poll()
+            with self.state:
+                self.state.match_state = status.state
+                self.state.match_progress = round(100 * status.progress)
+                self.state.match_message = status.message
+                if status.state == "failed":
+                    self.state.error = status.message
+                if status.state == "done":
+                    self.state.summary = status.summary
+                    self._show_result()
+            if status.state != "running":
+                return
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+    def _show_result(self):
+        result = self.session.result
+        query_view, target_view = self._views()
+        overlay = result.jacobianVolumeNode if self.state.show_jacobian else result.warpedVolumeNode
+        query_view.set_background_volume_id(self.session.volumes["fixed"].GetID())
+        query_view.set_foreground_volume_id(overlay.GetID())
+        query_view.set_foreground_opacity(float(self.state.overlay_opacity))
+        self.session.logic.showDeformationGrid(bool(self.state.show_grid))
+        self._arm_query_point()
+        for view in (query_view, target_view):
+            view.schedule_render()
+
+    @change("overlay_opacity", "show_grid", "show_jacobian")
+    def _on_display_options(self, **kwargs):
+        if self.session.result is not None:
+            self._show_result()
+
+    # --------------------------------------------------------------- heatmap
+    def _arm_query_point(self):
+        """A click in the fixed (Red) view places the query point; each placement queries."""
+        if self._query_node is None:
+            self._query_node = self.session.logic.queryPointNode()
+            self._query_node.AddObserver(self._query_node.PointPositionDefinedEvent, self._on_query_point)
+            self._query_node.AddObserver(self._query_node.PointEndInteractionEvent, self._on_query_point)
+        self.slicer_app.markups_logic.place_node(self._query_node, persistent=True)
+
+    def _on_query_point(self, node, _event=None):
+        if node.GetNumberOfControlPoints() == 0:
+            return
+        self.query_at(node.GetNthControlPointPositionWorld(0))
+
+    def query_at(self, point_ras):
+        """What a click at ``point_ras`` (RAS mm, in the fixed volume) shows."""
+        try:
+            answer = self.session.heatmap_at(point_ras, "fixed")
+        except SessionError as error:
+            self._fail(error)
+            return None
+        heatmap = answer["heatmap"]
+        _, target_view = self._views()
+        target_view.set_background_volume_id(self.session.volumes["moving"].GetID())
+        target_view.set_foreground_volume_id(heatmap.GetID())
+        target_view.set_foreground_opacity(0.6)
+        best = answer["best_match_ras"]
+        target_view.get_view_node().JumpSliceByCentering(*best)  # the slice through the best match
+        with self.state:
+            self.state.query_point = ", ".join(f"{v:.3f}" for v in point_ras)
+            self.state.best_match = (", ".join(f"{v:.3f}" for v in best)
+                                     + f"  (similarity {answer['best_similarity']:.3f})")
+        for view in self._views():
+            view.schedule_render()
+        return answer
+
+    # -------------------------------------------------------------- download
+    async def download_result(self):
+        try:
+            return self.server.protocol.addAttachment(self.session.result_archive())
+        except SessionError as error:
+            self._fail(error)
+            return None
+
+    # -------------------------------------------------------------------- UI
+    def _build_ui(self):
+        ctrl = self.ctrl
+        with SinglePageWithDrawerLayout(self.server, full_height=True) as layout:
+            layout.title.set_text("GVSL: Match pair")
+            with layout.drawer as drawer:
+                drawer.width = 360
+                with v3.VContainer(classes="pa-2"):
+                    v3.VAlert(v_if=("error",), text=("error",), type="error", density="compact",
+                              closable=True, id="gvsl-error", classes="mb-2")
+                    html.Div("Data folder: {{ data_root || '(none: upload or use the sample pair)' }}",
+                             classes="text-caption mb-2")
+                    for role in ("fixed", "moving"):
+                        html.Div(f"{role.capitalize()}: {{{{ {role}_name || '-' }}}}", classes="text-subtitle-2")
+                        with v3.VRow(dense=True):
+                            with v3.VCol(cols=8):
+                                v3.VTextField(v_model=(f"{role}_path",), label="path under the data folder",
+                                              density="compact", hide_details=True, id=f"gvsl-{role}-path")
+                            with v3.VCol(cols=4):
+                                v3.VBtn("Open", click=lambda r=role: self.open_path(r), id=f"gvsl-{role}-open",
+                                        size="small")
+                        v3.VFileInput(v_model=(f"{role}_upload",), label=f"or upload the {role} volume",
+                                      density="compact", hide_details=True, show_size=True,
+                                      id=f"gvsl-{role}-upload")
+                    v3.VBtn("Open sample pair", click=self.open_sample_pair, block=True, classes="my-2",
+                            id="gvsl-sample")
+                    v3.VBtn("Match pair", click=self.match_pair, color="primary", block=True,
+                            disabled=("match_state === 'running'",), id="gvsl-match")
+                    v3.VProgressLinear(v_model=("match_progress",), height=18, classes="my-2",
+                                       v_show=("match_state === 'running'",), id="gvsl-progress")
+                    v3.VBtn("Cancel", click=self.cancel_match, block=True, v_show=("match_state === 'running'",),
+                            id="gvsl-cancel")
+                    html.Div("{{ match_state }}: {{ match_message }}", classes="text-caption my-1",
+                             id="gvsl-status")
+                    html.Pre("{{ summary }}", v_show=("summary",), classes="text-caption", id="gvsl-summary",
+                             style="white-space: pre-wrap")
+                    v3.VSlider(v_model=("overlay_opacity",), min=0, max=1, step=0.05, label="overlay",
+                               hide_details=True, density="compact")
+                    v3.VCheckbox(v_model=("show_grid",), label="deformation grid", hide_details=True,
+                                 density="compact")
+                    v3.VCheckbox(v_model=("show_jacobian",), label="Jacobian instead of warped", hide_details=True,
+                                 density="compact")
+                    html.Div("Click in the left (fixed) view: the right view shows where that feature "
+                             "matches in the moving volume.", classes="text-caption my-1")
+                    html.Div("query {{ query_point }} -> best match {{ best_match }}", v_show=("best_match",),
+                             classes="text-caption", id="gvsl-best-match")
+                    v3.VBtn("Download result (.zip)", block=True, classes="mt-2", id="gvsl-download",
+                            disabled=("match_state !== 'done'",),
+                            click=f"utils.download('gvsl_match.zip', trigger('{ctrl.trigger_name(self.download_result)}'),"
+                                  " 'application/zip')")
+            with layout.content:
+                with html.Div(style="height: calc(100vh - 64px); position: relative;"):
+                    self.layout_manager.initialize_layout_grid(layout)
+        self.ui = layout
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m GVSLWeb", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--data-root", help="the only folder typed paths are read from")
+    parser.add_argument("--work-dir", help="where uploads and results go (default: a new temporary folder)")
+    parser.add_argument("--checkpoint", help="GVSL model (default: the shipped one)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--token", default=os.environ.get("GVSL_WEB_TOKEN"),
+                        help="access token, required when --host is not this machine (clients open /?secret=TOKEN)")
+    args = parser.parse_args(argv)
+    if not is_loopback(args.host) and not args.token:
+        parser.error(f"--host {args.host} serves beyond this machine: give an access token with --token "
+                     f"(or GVSL_WEB_TOKEN)")
+    if args.data_root and not Path(args.data_root).is_dir():
+        parser.error(f"--data-root {args.data_root}: not a folder")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    app = GVSLWebApp(data_root=args.data_root, work_dir=args.work_dir, checkpoint=args.checkpoint,
+                     device=args.device)
+    server_argv = ["--host", args.host, "--port", str(args.port), "--server"]
+    if args.token:
+        server_argv += ["--authKey", args.token]
+    sys.argv = [sys.argv[0], *server_argv]  # trame reads its own options from the command line
+    app.server.start(host=args.host, port=args.port, open_browser=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The browser front end clicked through in headless Chromium: open a pair, Match pair,
+click a point in the fixed view, and check the best match the page shows against the
+engine's own answer for that point. Needs the ``web`` extra (trame-slicer, playwright) and
+Debian's chromium (``apt-get install chromium``; never ``playwright install``); skipped
+without them. ``GVSL_WEB_SCREENSHOTS=folder`` also saves the page at each stage."""
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+pytest.importorskip("slicer")
+pytest.importorskip("trame_slicer")
+playwright_sync = pytest.importorskip("playwright.sync_api")
+CHROMIUM = os.environ.get("GVSL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+if not CHROMIUM:
+    pytest.skip("no chromium on this machine (apt-get install chromium)", allow_module_level=True)
+
+REPO = Path(__file__).resolve().parents[1]
+NUMBERS = re.compile(r"-?\d+\.\d+")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def pair_root(tmp_path):
+    from gvsl.samples import synthetic_volume
+    root = tmp_path / "data"
+    root.mkdir()
+    fixed, _ = synthetic_volume(size=(40, 40, 36), spacing=(1.5, 1.5, 1.5), seed=4)
+    moving = sitk.Resample(fixed, fixed, sitk.TranslationTransform(3, (3.0, -2.0, 1.5)), sitk.sitkLinear, -1000.0)
+    sitk.WriteImage(fixed, str(root / "fixed.nrrd"))
+    sitk.WriteImage(moving, str(root / "moving.nrrd"))
+    return root
+
+
+@pytest.fixture
+def server(tmp_path, pair_root, tiny_checkpoint):
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "GVSLModule"), os.environ.get("PYTHONPATH", "")]),
+               PYTHONUNBUFFERED="1")
+    log = open(tmp_path / "server.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "GVSLWeb", "--port", str(port), "--data-root", str(pair_root),
+                                "--work-dir", str(tmp_path / "work"), "--checkpoint", str(tiny_checkpoint),
+                                "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail("web server exited:\n" + (tmp_path / "server.log").read_text()[-3000:])
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("web server did not listen within 120 s:\n" + (tmp_path / "server.log").read_text()[-3000:])
+    yield f"http://127.0.0.1:{port}/", tmp_path
+    os.killpg(process.pid, 9)
+    process.wait(timeout=30)
+    log.close()
+
+
+def shot(page, name):
+    folder = os.environ.get("GVSL_WEB_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(folder) / f"{name}.png"))
+
+
+def test_match_pair_and_heatmap_click_in_the_browser(server, pair_root):
+    from gvsl.conventions import lps_to_ras, ras_to_lps
+    from gvsl.match import MatchResult
+    url, tmp_path = server
+    with playwright_sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 800})
+        page.goto(url)
+        page.locator("#gvsl-fixed-path").fill("../outside.nrrd")
+        page.locator("#gvsl-fixed-open").click()
+        page.locator("#gvsl-error").wait_for(timeout=30_000)
+        assert "outside the data folder" in page.locator("#gvsl-error").inner_text()
+
+        page.locator("#gvsl-fixed-path").fill("fixed.nrrd")
+        page.locator("#gvsl-fixed-open").click()
+        page.locator("#gvsl-moving-path").fill("moving.nrrd")
+        page.locator("#gvsl-moving-open").click()
+        page.get_by_text("Moving: moving").wait_for(timeout=30_000)
+        shot(page, "web_1_opened")
+        page.locator("#gvsl-match").click()
+        page.locator("#gvsl-summary").wait_for(state="visible", timeout=300_000)
+        assert "local NCC" in page.locator("#gvsl-summary").inner_text()
+        shot(page, "web_2_matched")
+
+        views = page.locator("img, canvas").filter(has_not=page.locator("#gvsl-error"))
+        boxes = [b for b in (views.nth(i).bounding_box() for i in range(views.count())) if b and b["width"] > 100]
+        left = min(boxes, key=lambda b: b["x"])
+        page.mouse.click(left["x"] + 0.45 * left["width"], left["y"] + 0.55 * left["height"])
+        page.locator("#gvsl-best-match").wait_for(state="visible", timeout=60_000)
+        shot(page, "web_3_heatmap")
+        text = page.locator("#gvsl-best-match").inner_text()
+        browser.close()
+
+    query, best = text.split("->")
+    query_ras = np.array([float(v) for v in NUMBERS.findall(query)[:3]])
+    best_ras = np.array([float(v) for v in NUMBERS.findall(best)[:3]])
+    result_folder = sorted((tmp_path / "work").glob("match_*/result"))[-1]
+    engine = MatchResult.load_state(result_folder, sitk.ReadImage(str(pair_root / "fixed.nrrd")),
+                                    sitk.ReadImage(str(pair_root / "moving.nrrd")))
+    _, engine_best_lps, _ = engine.heatmap(ras_to_lps(query_ras), "fixed")
+    # The page prints millimetres to 3 decimals; the engine's answer is a voxel centre.
+    np.testing.assert_allclose(best_ras, lps_to_ras(engine_best_lps), atol=2e-3)

@@ -1,0 +1,115 @@
+"""The web front end's session logic (GVSLWeb.session) on slicer-core, without a browser:
+what the page's buttons call, against what the engine says."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer")
+pytest.importorskip("slicer.util")
+
+from gvsl.conventions import lps_to_ras, ras_to_lps  # noqa: E402
+from gvsl.samples import synthetic_volume  # noqa: E402
+from GVSLWeb.session import SessionError, WebSession, resolve_under_root  # noqa: E402
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    fixed, _ = synthetic_volume(size=(28, 26, 24), spacing=(1.5, 1.5, 1.5), seed=3)
+    moving = sitk.Resample(fixed, fixed, sitk.TranslationTransform(3, (2.0, -1.5, 1.0)), sitk.sitkLinear, -1000.0)
+    sitk.WriteImage(fixed, str(root / "fixed.nrrd"))
+    sitk.WriteImage(moving, str(root / "moving.nii.gz"))
+    (root / "notes.txt").write_text("not a volume")
+    (root / "broken.nrrd").write_text("NRRD0004\nthis is not a header\n")
+    (root / "sub").mkdir()
+    (tmp_path / "secret.nrrd").write_bytes((root / "fixed.nrrd").read_bytes())
+    return root
+
+
+@pytest.fixture
+def session(tmp_path, data_root, tiny_checkpoint):
+    return WebSession(slicer.vtkMRMLScene(), tmp_path / "work", data_root=data_root, checkpoint=tiny_checkpoint,
+                      device="cpu")
+
+
+@pytest.mark.parametrize("typed, problem", [
+    ("../secret.nrrd", "outside the data folder"),
+    ("/etc/passwd", "outside the data folder"),
+    ("missing.nrrd", "no such file"),
+    ("sub", "is a folder"),
+    ("notes.txt", "not a volume file"),
+    ("", "no file given"),
+])
+def test_typed_paths_are_refused_with_the_name_and_the_problem(data_root, typed, problem):
+    with pytest.raises(SessionError, match=problem) as error:
+        resolve_under_root(data_root, typed)
+    assert typed in str(error.value)
+
+
+def test_unreadable_file_and_upload_name_the_file(session):
+    with pytest.raises(SessionError, match=r"broken\.nrrd: cannot be read as a volume"):
+        session.load_path("fixed", "broken.nrrd")
+    with pytest.raises(SessionError, match=r"scan\.exe: not a volume file"):
+        session.load_upload("fixed", "scan.exe", b"MZ")
+    with pytest.raises(SessionError, match=r"junk\.nii\.gz: cannot be read"):
+        session.load_upload("moving", "junk.nii.gz", b"\x00" * 100)
+    assert session.volumes == {}  # nothing half-loaded
+
+
+def test_match_needs_both_volumes(session):
+    session.load_path("fixed", "fixed.nrrd")
+    with pytest.raises(SessionError, match="open a moving volume first"):
+        session.start_match()
+
+
+def test_upload_reads_the_same_voxels_and_geometry_as_the_file(session, data_root):
+    node = session.load_upload("moving", "moving.nii.gz", (data_root / "moving.nii.gz").read_bytes())
+    expected = sitk.ReadImage(str(data_root / "moving.nii.gz"))
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), sitk.GetArrayFromImage(expected))
+    origin_ras = np.array(node.GetOrigin())
+    np.testing.assert_allclose(origin_ras, lps_to_ras(np.array(expected.GetOrigin())), atol=1e-5)
+
+
+def test_match_in_a_child_process_then_heatmap_and_download(session):
+    from gvsl.match import MatchResult
+    fixed_node = session.load_path("fixed", "fixed.nrrd")
+    moving_node = session.load_path("moving", "moving.nii.gz")
+    session.start_match(refine_iterations=0)
+    with pytest.raises(SessionError, match="already running"):
+        session.start_match(refine_iterations=0)
+    status = session.wait(timeout_s=300)
+    assert status.state == "done", status.message
+    assert "local NCC" in status.summary and "folding" in status.summary
+    assert session.result.warpedVolumeNode.GetImageData() is not None
+    # The grid transform the page draws is the one the logic made, shown in 2D only.
+    display = session.result.deformableTransformNode.GetDisplayNode()
+    assert display.GetVisibility2D() and not display.GetVisibility3D()
+
+    # The page's click: the heatmap's best match is what the engine computes from the saved state.
+    from GVSLModuleLib import mrml_io
+    point_ras = (mrml_io.ijk_to_ras(fixed_node) @ np.array([14, 13, 12, 1.0]))[:3]
+    answer = session.heatmap_at(point_ras, "fixed")
+    engine = MatchResult.load_state(status.result_folder, sitk.ReadImage(str(session.data_root / "fixed.nrrd")),
+                                    sitk.ReadImage(str(session.data_root / "moving.nii.gz")))
+    _, best_lps, score = engine.heatmap(ras_to_lps(point_ras), "fixed")
+    np.testing.assert_allclose(answer["best_match_ras"], lps_to_ras(best_lps), atol=1e-3)
+    assert answer["best_similarity"] == pytest.approx(score, abs=1e-4)
+    assert answer["heatmap"].GetAttribute("GVSL.targetVolumeID") == moving_node.GetID()
+
+    import io
+    import zipfile
+    names = zipfile.ZipFile(io.BytesIO(session.result_archive())).namelist()
+    assert "metrics.json" in names and set(names) == set(session.result_files())
+
+
+def test_a_failing_child_reports_its_message(session, tmp_path):
+    session.load_path("fixed", "fixed.nrrd")
+    session.load_path("moving", "moving.nii.gz")
+    session.checkpoint = tmp_path / "no_such_model.pt"
+    session.start_match(refine_iterations=0)
+    status = session.wait(timeout_s=300)
+    assert status.state == "failed"
+    assert "no_such_model.pt" in status.message
+    with pytest.raises(SessionError, match="no result to download"):
+        session.result_archive()
