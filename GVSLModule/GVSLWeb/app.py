@@ -97,10 +97,12 @@ class GVSLWebApp(TrameApp):
         self.state.moving_name = moving.GetName() if moving is not None else ""
 
     # ------------------------------------------------------------------ inputs
-    def open_path(self, role):
+    def open_path(self, role, typed):
+        """``typed`` comes with the click (not read from the state): the click's message can reach
+        the server before the text field's last state update does."""
         self.state.error = ""
         try:
-            self.session.load_path(role, self.state[f"{role}_path"])
+            self.session.load_path(role, typed)
             self._show_inputs()
         except SessionError as error:
             self._fail(error)
@@ -243,7 +245,7 @@ class GVSLWebApp(TrameApp):
                                 v3.VTextField(v_model=(f"{role}_path",), label="path under the data folder",
                                               density="compact", hide_details=True, id=f"gvsl-{role}-path")
                             with v3.VCol(cols=4):
-                                v3.VBtn("Open", click=lambda r=role: self.open_path(r), id=f"gvsl-{role}-open",
+                                v3.VBtn("Open", click=(self.open_path, f"['{role}', {role}_path]"), id=f"gvsl-{role}-open",
                                         size="small")
                         v3.VFileInput(v_model=(f"{role}_upload",), label=f"or upload the {role} volume",
                                       density="compact", hide_details=True, show_size=True,
