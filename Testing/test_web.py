@@ -121,3 +121,18 @@ def test_match_pair_and_heatmap_click_in_the_browser(server, pair_root):
     _, engine_best_lps, _ = engine.heatmap(ras_to_lps(query_ras), "fixed")
     # The page prints millimetres to 3 decimals; the engine's answer is a voxel centre.
     np.testing.assert_allclose(best_ras, lps_to_ras(engine_best_lps), atol=2e-3)
+
+
+def test_serving_beyond_this_machine_needs_a_token(tmp_path, capsys, monkeypatch):
+    from GVSLWeb.app import is_loopback, parse_args
+    monkeypatch.delenv("GVSL_WEB_TOKEN", raising=False)
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.20")
+    with pytest.raises(SystemExit):
+        parse_args(["--host", "0.0.0.0"])
+    assert "--token" in capsys.readouterr().err
+    assert parse_args(["--host", "0.0.0.0", "--token", "s3cret"]).token == "s3cret"
+    assert parse_args([]).host == "127.0.0.1"
+    with pytest.raises(SystemExit):
+        parse_args(["--data-root", str(tmp_path / "missing")])
+    assert "not a folder" in capsys.readouterr().err
