@@ -93,12 +93,14 @@ def test_bf16_agrees_with_fp32_within_stated_tolerance(pair):
 
 def test_bf16_pretraining_lowers_the_loss_and_keeps_fp32_weights_and_optimizer(pair_folder, tmp_path):
     from gvsl.pretrain import PretrainConfig, run_pretrain
-    cfg = PretrainConfig(data=str(pair_folder), out=str(tmp_path / "run"), patch=[32, 32, 32], iters=30,
-                         batch=2, lr=2e-3, width=0.25, device="cpu", log_every=1, ckpt_every=1000,
+    cfg = PretrainConfig(data=str(pair_folder), out=str(tmp_path / "run"), patch=[32, 32, 32], iters=40,
+                         batch=2, lr=5e-4, width=0.25, device="cpu", log_every=1, ckpt_every=1000,
                          augment=False, seed=0, precision="bf16")
     run_pretrain(cfg, progress="text")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    first = sum(r["ncc"] for r in rows[:5]) / 5
+    # Against the loss before any update: at 2e-3 the first steps spiked (0.18 -> 0.64) or not, run to
+    # run, so a mean over the first steps made this check flaky; at 5e-4 the loss falls steadily below it.
+    first = rows[0]["ncc"]
     last = sum(r["ncc"] for r in rows[-5:]) / 5
     assert last < first - 0.02, (first, last)
     ckpt = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
