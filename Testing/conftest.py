@@ -95,3 +95,16 @@ def sigterm_after_progress(args, min_step=2, timeout=300):
             raise TimeoutError("no progress event in time")
     rest, err = proc.communicate(timeout=120)
     return proc.returncode, events + json_events(rest), err
+
+
+def write_shifted_pair(folder, size, seed, shift_mm, moving_name="moving.nrrd"):
+    """``folder``/fixed.nrrd (a synthetic CT, 1.5 mm) and ``moving_name``, the same volume shifted
+    by ``shift_mm`` (LPS): a pair whose answer is known, for the web front end's tests."""
+    import SimpleITK as sitk
+    from gvsl.samples import synthetic_volume
+    folder.mkdir(parents=True, exist_ok=True)
+    fixed, _ = synthetic_volume(size=size, spacing=(1.5, 1.5, 1.5), seed=seed)
+    moving = sitk.Resample(fixed, fixed, sitk.TranslationTransform(3, shift_mm), sitk.sitkLinear, -1000.0)
+    sitk.WriteImage(fixed, str(folder / "fixed.nrrd"))
+    sitk.WriteImage(moving, str(folder / moving_name))
+    return folder

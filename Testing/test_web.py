@@ -17,11 +17,16 @@ import pytest
 import SimpleITK as sitk
 
 pytest.importorskip("slicer")
-pytest.importorskip("trame_slicer")
+try:
+    import trame_slicer.core  # noqa: F401  (trame-slicer 2 fails to import on slicer-core other than 5.11)
+except ImportError as error:
+    pytest.skip(f"trame-slicer not usable here ({error}); install the web extra", allow_module_level=True)
 playwright_sync = pytest.importorskip("playwright.sync_api")
 CHROMIUM = os.environ.get("GVSL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM:
     pytest.skip("no chromium on this machine (apt-get install chromium)", allow_module_level=True)
+
+from conftest import write_shifted_pair  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NUMBERS = re.compile(r"-?\d+\.\d+")
@@ -35,14 +40,7 @@ def free_port():
 
 @pytest.fixture
 def pair_root(tmp_path):
-    from gvsl.samples import synthetic_volume
-    root = tmp_path / "data"
-    root.mkdir()
-    fixed, _ = synthetic_volume(size=(40, 40, 36), spacing=(1.5, 1.5, 1.5), seed=4)
-    moving = sitk.Resample(fixed, fixed, sitk.TranslationTransform(3, (3.0, -2.0, 1.5)), sitk.sitkLinear, -1000.0)
-    sitk.WriteImage(fixed, str(root / "fixed.nrrd"))
-    sitk.WriteImage(moving, str(root / "moving.nrrd"))
-    return root
+    return write_shifted_pair(tmp_path / "data", (40, 40, 36), 4, (3.0, -2.0, 1.5))
 
 
 @pytest.fixture

@@ -59,18 +59,13 @@ def resolve_under_root(data_root: Path, typed: str) -> Path:
 
 
 def read_volume(path: Path, shown_name: str) -> sitk.Image:
+    """The engine's reader and checks (``gvsl.data.read_image``: 3D, scalar, complete, finite), its
+    message naming ``shown_name`` (what the user typed or uploaded) instead of the server's path."""
+    from gvsl.data import InputError, read_image
     try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
-        raise SessionError(f"{shown_name}: cannot be read as a volume ({first})") from None
-    if image.GetDimension() != 3 or min(image.GetSize()) < 2:
-        raise SessionError(f"{shown_name}: a 3D volume is needed, this is {image.GetDimension()}D "
-                           f"of size {image.GetSize()}")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise SessionError(f"{shown_name}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
-                           f"a scalar volume is needed")
-    return image
+        return read_image(path)
+    except InputError as error:
+        raise SessionError(str(error).replace(str(path), shown_name)) from None
 
 
 @dataclass
