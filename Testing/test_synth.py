@@ -64,6 +64,24 @@ def test_elastic_part_has_the_configured_size_and_no_folds():
     assert float((det <= 0).float().mean()) == 0.0
 
 
+def test_coarse_subject_like_component_is_off_by_default_and_smooth_when_on():
+    fine_only = KnownPairConfig(rotation_deg=0.0, scale=0.0, shear=0.0, translation_voxels=0.0, elastic_voxels=0.0)
+    flow, _, _ = random_known_flow(4, PATCH, fine_only, torch.Generator().manual_seed(5))
+    assert float(flow.abs().max()) < 1e-5  # the default adds nothing: the shipped recipe is unchanged
+    coarse = KnownPairConfig(rotation_deg=0.0, scale=0.0, shear=0.0, translation_voxels=0.0, elastic_voxels=0.0,
+                             coarse_elastic_voxels=3.0, coarse_fraction=1.0)
+    flow, _, _ = random_known_flow(16, PATCH, coarse, torch.Generator().manual_seed(5))
+    std = flow.flatten(1).std(dim=1)
+    assert float(std.max()) <= 3.0 + 1e-4 and float(std.mean()) > 0.6  # amplitude uniform in [0, 3]
+    # Coarser than the default elastic part: neighbouring voxels move nearly together.
+    step = (flow[..., 1:] - flow[..., :-1]).abs().mean() / flow.abs().mean()
+    assert float(step) < 0.1
+    none_drawn = KnownPairConfig(rotation_deg=0.0, scale=0.0, shear=0.0, translation_voxels=0.0, elastic_voxels=0.0,
+                                 coarse_elastic_voxels=3.0, coarse_fraction=0.0)
+    flow, _, _ = random_known_flow(4, PATCH, none_drawn, torch.Generator().manual_seed(5))
+    assert float(flow.abs().max()) < 1e-5
+
+
 def test_synthetic_label_maps_and_rendering():
     config = KnownPairConfig(labels=(6, 10))
     labels = synthetic_label_map(3, PATCH, config, torch.Generator().manual_seed(4))
@@ -133,3 +151,13 @@ def test_pretrain_on_known_pairs_logs_and_resumes(tmp_path):
     assert len(lines) == 4 and all('"field"' in line for line in lines)
     cfg.iters, cfg.resume = 6, True
     assert run_pretrain(cfg, progress="json")["step"] == 6
+
+
+def test_pretrain_known_option_parses_a_known_pair_range_and_refuses_others():
+    from gvsl.cli import build_parser
+    args = build_parser().parse_args(["pretrain", "--data", "d", "--out", "o", "--known", "coarse_elastic_voxels=3",
+                                      "--known", "independent_contrast=0.5"])
+    assert dict(args.known) == {"coarse_elastic_voxels": 3.0, "independent_contrast": 0.5}
+    for bad in ("labels=4", "coarse_elastic_voxels", "nonsense=1", "elastic_voxels=-1"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["pretrain", "--data", "d", "--out", "o", "--known", bad])

@@ -43,31 +43,43 @@ def pair_root(tmp_path):
     return write_shifted_pair(tmp_path / "data", (40, 40, 36), 4, (3.0, -2.0, 1.5))
 
 
-@pytest.fixture
-def server(tmp_path, pair_root, tiny_checkpoint):
+def start_server(tmp_path, pair_root, checkpoint, *extra):
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "GVSLModule"), os.environ.get("PYTHONPATH", "")]),
                PYTHONUNBUFFERED="1")
-    log = open(tmp_path / "server.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "GVSLWeb", "--port", str(port), "--data-root", str(pair_root),
-                                "--work-dir", str(tmp_path / "work"), "--checkpoint", str(tiny_checkpoint),
-                                "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, env=env,
-                               start_new_session=True)
+    log_path = tmp_path / f"server_{port}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "GVSLWeb", "--port", str(port), "--data-root",
+                                    str(pair_root), "--work-dir", str(tmp_path / "work"), "--checkpoint",
+                                    str(checkpoint), "--device", "cpu", *extra], stdout=log,
+                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail("web server exited:\n" + (tmp_path / "server.log").read_text()[-3000:])
+            pytest.fail("web server exited:\n" + log_path.read_text()[-3000:])
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
+                return process, f"http://127.0.0.1:{port}/"
         time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("web server did not listen within 120 s:\n" + (tmp_path / "server.log").read_text()[-3000:])
-    yield f"http://127.0.0.1:{port}/", tmp_path
+    process.kill()
+    pytest.fail("web server did not listen within 120 s:\n" + log_path.read_text()[-3000:])
+
+
+def stop_server(process):
     os.killpg(process.pid, 9)
     process.wait(timeout=30)
-    log.close()
+
+
+@pytest.fixture
+def server(tmp_path, pair_root, tiny_checkpoint):
+    process, url = start_server(tmp_path, pair_root, tiny_checkpoint)
+    yield url, tmp_path
+    stop_server(process)
+
+
+def open_browser(p):
+    browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+    return browser, browser.new_page(viewport={"width": 1400, "height": 900})
 
 
 def shot(page, name):
@@ -82,8 +94,7 @@ def test_match_pair_and_heatmap_click_in_the_browser(server, pair_root):
     from gvsl.match import MatchResult
     url, tmp_path = server
     with playwright_sync.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 800})
+        browser, page = open_browser(p)
         page.goto(url)
         page.locator("#gvsl-fixed-path").fill("../outside.nrrd")
         page.locator("#gvsl-fixed-open").click()
@@ -134,3 +145,55 @@ def test_serving_beyond_this_machine_needs_a_token(tmp_path, capsys, monkeypatch
     with pytest.raises(SystemExit):
         parse_args(["--data-root", str(tmp_path / "missing")])
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_upload_then_pretrain_with_loss_curve_and_use_the_model_in_the_browser(server, pair_root):
+    from gvsl.checkpoint import read_checkpoint
+    url, tmp_path = server
+    with playwright_sync.sync_playwright() as p:
+        browser, page = open_browser(p)
+        page.goto(url)
+        page.locator("#gvsl-fixed-upload").set_input_files(str(pair_root / "moving.nrrd"))
+        page.get_by_text("Fixed: moving").wait_for(timeout=60_000)  # the uploaded file's name
+
+        page.locator("#gvsl-train-data").fill("nowhere")
+        page.locator("#gvsl-train-start").click()
+        page.locator("#gvsl-error").wait_for(timeout=30_000)
+        assert "nowhere: no such folder" in page.locator("#gvsl-error").inner_text()
+
+        for element, value in (("data", "."), ("run", "web-run"), ("iters", "4"), ("patch", "16"),
+                               ("width", "0.25"), ("spacing", "3")):
+            page.locator(f"#gvsl-train-{element}").fill(value)
+        page.locator("#gvsl-train-start").click()
+        page.get_by_text("done: 4 steps").wait_for(timeout=300_000)
+        shot(page, "web_4_pretrained")
+        curve = page.locator("#gvsl-train-curve polyline").get_attribute("points")
+        page.locator("#gvsl-train-use").click()
+        page.get_by_text("Match pair uses: ").filter(has_text="last.pt").wait_for(timeout=30_000)
+        model = page.locator("#gvsl-match-model").inner_text()
+        browser.close()
+    assert len(curve.split()) == 4  # one point per logged step of a 4-step run
+    checkpoint = tmp_path / "work" / "runs" / "web-run" / "checkpoints" / "last.pt"
+    assert read_checkpoint(checkpoint)["step"] == 4 and str(checkpoint) in model
+    uploaded = sitk.ReadImage(str(tmp_path / "work" / "uploads" / "fixed_moving.nrrd"))
+    original = sitk.ReadImage(str(pair_root / "moving.nrrd"))
+    assert np.array_equal(sitk.GetArrayViewFromImage(uploaded), sitk.GetArrayViewFromImage(original))
+
+
+def test_a_server_with_a_token_only_serves_a_browser_that_has_it(tmp_path, pair_root, tiny_checkpoint):
+    process, url = start_server(tmp_path, pair_root, tiny_checkpoint, "--token", "s3cret-token")
+    try:
+        with playwright_sync.sync_playwright() as p:
+            browser, page = open_browser(p)
+            page.goto(url + "?secret=s3cret-token")
+            page.locator("#gvsl-match").wait_for(timeout=60_000)  # the page connected and built itself
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_timeout(5_000)
+            assert page.locator("#gvsl-match").count() == 0  # refused: the UI never arrives
+            page.goto(url + "?secret=wrong")
+            page.wait_for_timeout(5_000)
+            assert page.locator("#gvsl-match").count() == 0
+            browser.close()
+    finally:
+        stop_server(process)

@@ -9,7 +9,8 @@ pytest.importorskip("slicer.util")
 
 from gvsl.conventions import lps_to_ras, ras_to_lps  # noqa: E402
 from conftest import write_shifted_pair  # noqa: E402
-from GVSLWeb.session import SessionError, WebSession, resolve_under_root  # noqa: E402
+from GVSLWeb.session import (SessionError, WebSession, loss_curve_svg, resolve_folder_under_root,  # noqa: E402
+                             resolve_under_root)
 
 
 @pytest.fixture
@@ -18,6 +19,7 @@ def data_root(tmp_path):
     (root / "notes.txt").write_text("not a volume")
     (root / "broken.nrrd").write_text("NRRD0004\nthis is not a header\n")
     (root / "sub").mkdir()
+    write_shifted_pair(root / "train", (24, 22, 20), 5, (1.0, 0.0, -1.0))  # a clean folder to pre-train on
     (tmp_path / "secret.nrrd").write_bytes((root / "fixed.nrrd").read_bytes())
     return root
 
@@ -108,3 +110,80 @@ def test_a_failing_child_reports_its_message(session, tmp_path):
     assert "no_such_model.pt" in status.message
     with pytest.raises(SessionError, match="no result to download"):
         session.result_archive()
+
+
+@pytest.mark.parametrize("kind, options, problem", [
+    ("pretrain", {"data": "../"}, "outside the data folder"),
+    ("pretrain", {"data": "nowhere"}, "no such folder"),
+    ("pretrain", {"data": "fixed.nrrd"}, "is a file"),
+    ("pretrain", {"data": "", }, "no data folder given"),
+    ("pretrain", {"data": "train", "run_name": "../escape"}, "run name"),
+    ("pretrain", {"data": "train", "resume": True}, "nothing to resume"),
+    ("pretrain", {"data": "train", "iterations": "ten"}, "whole numbers"),
+    ("pretrain", {"data": "train", "patch": 8}, "patch >= 16"),
+    ("pretrain", {"data": "train", "spacing_mm": "fine"}, "spacing"),
+    ("pretrain", {"data": "train", "spacing_mm": -1}, "spacing > 0"),
+    ("finetune", {"data": "train", "labels": "train"}, "class names"),
+    ("finetune", {"data": "train", "labels": "missing"}, "missing: no such folder"),
+    ("pretrain", {"data": "train", "init": "nothing.pt"}, "nothing.pt: no such checkpoint"),
+    ("segment", {"data": "train"}, "unknown training"),
+])
+def test_training_inputs_are_refused_before_a_child_starts(session, kind, options, problem):
+    options = {"run_name": "r1", **options}
+    with pytest.raises(SessionError, match=problem):
+        session.start_training(kind, **options)
+    assert session.training_job is None and session.training.state == "idle"
+
+
+def test_folder_under_root_is_the_data_root_for_dot(data_root):
+    assert resolve_folder_under_root(data_root, ".", "data folder") == data_root.resolve()
+
+
+def test_loss_curve_svg_draws_every_point_in_its_box():
+    assert loss_curve_svg([(1, 0.5)]) == ""  # one point is no curve
+    svg = loss_curve_svg([(1, 0.9), (2, 0.5), (3, 0.7), (4, 0.2)], width=200, height=100)
+    points = svg.split('points="')[1].split('"')[0].split()
+    xy = [tuple(map(float, p.split(","))) for p in points]
+    assert len(xy) == 4
+    assert [x for x, _ in xy] == sorted(x for x, _ in xy) and all(0 <= x <= 200 for x, _ in xy)
+    assert min(xy, key=lambda p: p[1]) == xy[0] and max(xy, key=lambda p: p[1]) == xy[3]  # highest loss on top
+    assert "0.9" in svg and "0.2" in svg and "step 4" in svg
+
+
+def test_pretrain_in_a_child_gives_its_curve_resumes_and_feeds_match_pair(session):
+    fast = ["--log-every", "1", "--ckpt-every", "2"]
+    session.start_training("pretrain", "train", "run-a", iterations=3, patch=16, width=0.25, spacing_mm=3,
+                           extra=fast)
+    with pytest.raises(SessionError, match="already running"):
+        session.start_training("pretrain", "train", "run-b", iterations=3, patch=16)
+    status = session.wait_training(timeout_s=300)
+    assert status.state == "done", status.message
+    assert [step for step, _ in status.losses] == [1, 2, 3]
+    assert all(np.isfinite(loss) for _, loss in status.losses)
+    assert status.checkpoint.endswith("runs/run-a/checkpoints/last.pt")
+    with pytest.raises(SessionError, match="already has a checkpoint"):
+        session.start_training("pretrain", "train", "run-a", iterations=5, patch=16)
+    status = session.start_training("pretrain", "train", "run-a", iterations=5, patch=16, width=0.25,
+                                    resume=True, spacing_mm=3, extra=fast)
+    status = session.wait_training(timeout_s=300)
+    assert status.state == "done", status.message
+    assert [step for step, _ in status.losses] == [4, 5]  # continued, not restarted
+    from gvsl.checkpoint import read_checkpoint
+    assert read_checkpoint(status.checkpoint)["step"] == 5
+    assert session.use_trained_model() == status.checkpoint and session.checkpoint == status.checkpoint
+
+
+def test_cancel_stops_pretraining_with_its_checkpoint_saved(session):
+    import time
+    session.start_training("pretrain", "train", "run-c", iterations=500, patch=16, width=0.25,
+                           extra=["--log-every", "1", "--spacing", "3"])
+    deadline = time.monotonic() + 300
+    while len(session.poll_training().losses) < 2:
+        assert session.training.state == "running" and time.monotonic() < deadline, session.training.message
+        time.sleep(0.1)
+    session.cancel_training()
+    status = session.wait_training(timeout_s=300)
+    assert status.state == "stopped" and "Resume continues it" in status.message
+    from gvsl.checkpoint import read_checkpoint
+    saved = read_checkpoint(status.checkpoint)["step"]
+    assert 2 <= saved < 500 and f"stopped at step {saved}" in status.message

@@ -56,6 +56,18 @@ _non_negative = _finite_where(lambda v: v >= 0, "a number >= 0")
 # [0, 1): a validation fraction of 1 would leave nothing to train on; an overlap of 1 never moves.
 _fraction_below_one = _finite_where(lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 _overlap = _fraction_below_one
+
+
+def _known_setting(text: str):
+    """An argparse type: KEY=NUMBER for one field of :class:`gvsl.synth.KnownPairConfig`."""
+    from dataclasses import fields
+    from .synth import KnownPairConfig
+    names = {f.name: f for f in fields(KnownPairConfig) if f.type in ("float", float)}
+    key, sep, value = text.partition("=")
+    if not sep or key not in names:
+        raise argparse.ArgumentTypeError(
+            f"wants KEY=NUMBER with KEY one of {', '.join(sorted(names))}, got {text!r}")
+    return key, _non_negative(value)
 _fraction = _finite_where(lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
 
 
@@ -119,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
                    help="constant --lr, or cosine from --lr down to --lr-final over --iters")
     p.add_argument("--lr-final", type=_non_negative, default=1e-5, help="last learning rate of the cosine schedule")
+    p.add_argument("--known", type=_known_setting, action="append", default=[], metavar="KEY=NUMBER",
+                   help="change one range of the known-transform pairs (gvsl.synth.KnownPairConfig), e.g. "
+                        "coarse_elastic_voxels=3 for subject-like smooth shape differences; repeatable")
     p.add_argument("--pairs-within", default="any", choices=["any", "folder"],
                    help="two-volume pairs from any two volumes, or only from two volumes in one folder "
                         "(one body region per folder)")
@@ -214,6 +229,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  matching=args.matching, lr_schedule=args.lr_schedule, lr_final=args.lr_final,
                                  pairs_within=args.pairs_within)
             cfg.weights["field"] = args.field_weight
+            cfg.known.update(dict(args.known))
             run_pretrain(cfg, progress=args.progress)
         elif args.command == "match":
             from .match import match_cli

@@ -46,6 +46,11 @@ class KnownPairConfig:
     translation_voxels: float = 5.0
     elastic_voxels: float = 1.5          # std of the elastic displacement, per component
     elastic_control_voxels: float = 12.0  # spacing of its random control grid
+    # A second, coarser elastic component drawn for a fraction of the samples: the smooth,
+    # larger shape differences between two subjects of one region (0 = off, the shipped recipe).
+    coarse_elastic_voxels: float = 0.0
+    coarse_control_voxels: float = 24.0
+    coarse_fraction: float = 0.5
     synthetic_fraction: float = 0.35      # samples drawn from synthetic label maps
     recontrast_fraction: float = 0.5      # real samples re-rendered with a random contrast
     independent_contrast: float = 0.25    # samples whose fixed volume gets a second contrast
@@ -87,6 +92,12 @@ def random_known_flow(n: int, shape: Sequence[int], config: KnownPairConfig, gen
     field = field / field.flatten(1).std(dim=1).clamp_min(1e-6).view(n, 1, 1, 1, 1)
     amplitude = _uniform((n,), 0.0, 1.0, generator, device) * config.elastic_voxels
     elastic = field * amplitude.view(n, 1, 1, 1, 1)
+    if config.coarse_elastic_voxels > 0:
+        coarse = smooth_noise(n, 3, shape, config.coarse_control_voxels, generator, device)
+        coarse = coarse / coarse.flatten(1).std(dim=1).clamp_min(1e-6).view(n, 1, 1, 1, 1)
+        drawn = (_uniform((n,), 0.0, 1.0, generator, device) < config.coarse_fraction).float()
+        coarse_amplitude = _uniform((n,), 0.0, 1.0, generator, device) * config.coarse_elastic_voxels * drawn
+        elastic = elastic + coarse * coarse_amplitude.view(n, 1, 1, 1, 1)
     return compose_affine_then_local(affine, elastic), affine_to_flow(affine, shape), affine
 
 

@@ -1,6 +1,8 @@
 """GVSL in the browser: open a pair, Match pair in a child process (progress, Cancel), see
 the fixed volume with the warped one over it and the deformation grid, click a point for the
-similarity heatmap and best match in the other volume, download the result folder.
+similarity heatmap and best match in the other volume, download the result folder; pre-train or
+fine-tune on folders under the data root in a child process (progress, loss curve, Cancel,
+Resume) and match with the pre-trained model.
 
     python -m GVSLWeb --data-root /path/to/volumes          # http://127.0.0.1:8080
     python -m GVSLWeb --host 0.0.0.0 --token SECRET ...     # other hosts: open /?secret=SECRET
@@ -33,7 +35,7 @@ from trame_slicer.core import LayoutManager, SlicerApp  # noqa: E402
 from trame_slicer.rca_view import register_rca_factories  # noqa: E402
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # noqa: E402
 
-from .session import SessionError, WebSession  # noqa: E402
+from .session import SessionError, WebSession, loss_curve_svg  # noqa: E402
 
 QUERY_VIEW, TARGET_VIEW = "Red", "Yellow"  # = GVSLModuleLib.logic.HEATMAP_QUERY_VIEW and another slice view
 POLL_INTERVAL_S = 0.25
@@ -65,6 +67,7 @@ class GVSLWebApp(TrameApp):
         self.layout_manager.set_layout("GVSL pair")
         self._query_node = None
         self._poll_task = None
+        self._train_task = None
         self._init_state()
         self._build_ui()
 
@@ -76,7 +79,12 @@ class GVSLWebApp(TrameApp):
                   "fixed_name": "", "moving_name": "", "error": "", "match_state": "idle", "match_progress": 0,
                   "match_message": "", "summary": "", "overlay_opacity": 0.5, "show_grid": True,
                   "show_jacobian": False, "best_match": "", "query_point": "", "busy": False,
-                  "data_root": str(self.session.data_root or "")})
+                  "data_root": str(self.session.data_root or ""),
+                  "train_kind": "pretrain", "train_data": "", "train_labels": "", "train_classes": "",
+                  "train_run": "run1", "train_iters": 1000, "train_patch": 64, "train_width": 0.25,
+                  "train_spacing": 3.0, "train_init": "", "train_state": "idle", "train_progress": 0,
+                  "train_message": "", "train_curve_svg": "", "train_checkpoint": "",
+                  "match_model": str(self.session.checkpoint or "the shipped model")})
 
     def _fail(self, error: Exception):
         self.state.error = str(error)
@@ -182,6 +190,51 @@ class GVSLWebApp(TrameApp):
         if self.session.result is not None:
             self._show_result()
 
+    # -------------------------------------------------------------- training
+    def start_training(self, resume=False, form=None):
+        """``form`` (the fields' values) comes with the click, as for Open."""
+        form = dict(form or {})
+        self.state.error = ""
+        try:
+            status = self.session.start_training(
+                form.get("kind", "pretrain"), form.get("data", ""), form.get("run", ""),
+                labels=form.get("labels", ""), classes=form.get("classes", ""),
+                iterations=form.get("iters", 1000), patch=form.get("patch", 64), width=form.get("width", 0.25),
+                init=form.get("init", ""), resume=bool(resume), spacing_mm=form.get("spacing", 3.0))
+        except SessionError as error:
+            self._fail(error)
+            return
+        self.state.update({"train_state": status.state, "train_progress": 0, "train_message": status.message,
+                           "train_curve_svg": "", "train_checkpoint": ""})
+        if self._train_task is None or self._train_task.done():
+            self._train_task = asyncio.ensure_future(self._poll_training())
+
+    def cancel_training(self):
+        self.state.train_message = self.session.cancel_training().message
+
+    def use_trained_model(self):
+        try:
+            checkpoint = self.session.use_trained_model()
+        except SessionError as error:
+            self._fail(error)
+            return
+        self.state.match_model = checkpoint
+
+    async def _poll_training(self):
+        while True:
+            status = self.session.poll_training()
+            with self.state:
+                self.state.train_state = status.state
+                self.state.train_progress = round(100 * status.progress)
+                self.state.train_message = status.message
+                self.state.train_curve_svg = loss_curve_svg(status.losses)
+                self.state.train_checkpoint = status.checkpoint or ""
+                if status.state == "failed":
+                    self.state.error = status.message
+            if status.state != "running":
+                return
+            await asyncio.sleep(POLL_INTERVAL_S)
+
     # --------------------------------------------------------------- heatmap
     def _arm_query_point(self):
         """A click in the fixed (Red) view places the query point; each placement queries."""
@@ -276,10 +329,58 @@ class GVSLWebApp(TrameApp):
                             disabled=("match_state !== 'done'",),
                             click=f"utils.download('gvsl_match.zip', trigger('{ctrl.trigger_name(self.download_result)}'),"
                                   " 'application/zip')")
+                    html.Div("Match pair uses: {{ match_model }}", classes="text-caption mt-1", id="gvsl-match-model")
+                    v3.VDivider(classes="my-3")
+                    self._build_training_ui()
             with layout.content:
                 with html.Div(style="height: calc(100vh - 64px); position: relative;"):
                     self.layout_manager.initialize_layout_grid(layout)
         self.ui = layout
+
+
+    def _build_training_ui(self):
+        html.Div("Train (folders under the data folder; runs go to the work folder's runs/)",
+                 classes="text-subtitle-2")
+        with v3.VBtnToggle(v_model=("train_kind",), mandatory=True, density="compact", classes="my-1"):
+            v3.VBtn("Pre-train", value="pretrain", size="small", id="gvsl-train-kind-pretrain")
+            v3.VBtn("Fine-tune", value="finetune", size="small", id="gvsl-train-kind-finetune")
+        fields = [("train_data", "volumes folder (fine-tune: images)", "gvsl-train-data", None),
+                  ("train_labels", "label maps folder", "gvsl-train-labels", "train_kind === 'finetune'"),
+                  ("train_classes", "class names, comma-separated", "gvsl-train-classes",
+                   "train_kind === 'finetune'"),
+                  ("train_run", "run name", "gvsl-train-run", None),
+                  ("train_init", "start from checkpoint (optional: runs/NAME/... or a file)", "gvsl-train-init", None)]
+        for key, label, element_id, shown in fields:
+            v3.VTextField(v_model=(key,), label=label, density="compact", hide_details=True, id=element_id,
+                          classes="my-1", **({"v_show": (shown,)} if shown else {}))
+        with v3.VRow(dense=True):
+            for key, label, element_id in (("train_iters", "iterations", "gvsl-train-iters"),
+                                           ("train_patch", "patch", "gvsl-train-patch"),
+                                           ("train_width", "width", "gvsl-train-width"),
+                                           ("train_spacing", "mm", "gvsl-train-spacing")):
+                with v3.VCol(cols=3):
+                    v3.VTextField(v_model=(key,), label=label, density="compact", hide_details=True, id=element_id)
+        form = ("{kind: train_kind, data: train_data, labels: train_labels, classes: train_classes, run: train_run,"
+                " init: train_init, iters: train_iters, patch: train_patch, width: train_width,"
+                " spacing: train_spacing}")
+        with v3.VRow(dense=True, classes="my-1"):
+            with v3.VCol(cols=6):
+                v3.VBtn("Start", click=(self.start_training, f"[false, {form}]"), block=True, color="primary",
+                        disabled=("train_state === 'running'",), id="gvsl-train-start")
+            with v3.VCol(cols=6):
+                v3.VBtn("Resume", click=(self.start_training, f"[true, {form}]"), block=True,
+                        disabled=("train_state === 'running'",), id="gvsl-train-resume")
+        v3.VProgressLinear(v_model=("train_progress",), height=18, classes="my-1",
+                           v_show=("train_state === 'running'",), id="gvsl-train-progress")
+        v3.VBtn("Cancel training", click=self.cancel_training, block=True, v_show=("train_state === 'running'",),
+                id="gvsl-train-cancel")
+        html.Div("{{ train_state }}: {{ train_message }}", classes="text-caption my-1", id="gvsl-train-status")
+        html.Div(v_html=("train_curve_svg",), id="gvsl-train-curve")
+        html.Div("checkpoint: {{ train_checkpoint }}", v_show=("train_checkpoint",), classes="text-caption",
+                 id="gvsl-train-checkpoint")
+        v3.VBtn("Use this model for Match pair", click=self.use_trained_model, block=True, size="small",
+                v_show=("train_kind === 'pretrain' && train_checkpoint && train_state !== 'running'",),
+                id="gvsl-train-use")
 
 
 def parse_args(argv=None):

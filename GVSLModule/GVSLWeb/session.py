@@ -17,7 +17,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -30,6 +30,9 @@ ROLES = ("fixed", "moving")
 # What the readers below accept; anything else is refused by name before SimpleITK sees it.
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 MAX_UPLOAD_BYTES = 2 << 30
+TRAINING_KINDS = ("pretrain", "finetune")
+# Seconds a training child may take to write its checkpoint and exit after Cancel (as the panel).
+TRAINING_STOP_GRACE_S = 120.0
 
 
 class SessionError(ValueError):
@@ -58,6 +61,55 @@ def resolve_under_root(data_root: Path, typed: str) -> Path:
     return path
 
 
+def resolve_folder_under_root(data_root: Optional[Path], typed: str, what: str) -> Path:
+    """``typed`` (relative to ``data_root``, or absolute inside it) as an existing folder."""
+    if data_root is None:
+        raise SessionError(f"this server was started without a data folder (--data-root): no {what} to read")
+    if not typed or not typed.strip():
+        raise SessionError(f"no {what} given: type a folder under the data folder ('.' is the data folder itself)")
+    root = Path(data_root).resolve()
+    candidate = Path(typed.strip()).expanduser()
+    path = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    if path != root and root not in path.parents:
+        raise SessionError(f"{typed}: outside the data folder {root}; this server only reads files under it")
+    if not path.is_dir():
+        raise SessionError(f"{typed}: no such folder under {root}" if not path.exists() else
+                           f"{typed}: is a file; the {what} is a folder of volumes")
+    return path
+
+
+def safe_run_name(typed: str) -> str:
+    """A run's folder name under the work folder: letters, digits, '-', '_' and '.' only."""
+    name = (typed or "").strip()
+    if not name or name in (".", "..") or any(not (c.isalnum() or c in "-_.") for c in name):
+        raise SessionError(f"run name {typed!r}: use letters, digits, '-', '_' or '.' (it names a folder)")
+    return name
+
+
+def loss_curve_svg(points: Sequence[Tuple[float, float]], width: int = 320, height: int = 120) -> str:
+    """The loss curve as a small inline SVG (steps on x, loss on y, its range written beside it);
+    "" for fewer than two points. No plotting library: the page shows it as it is."""
+    if len(points) < 2:
+        return ""
+    steps = [float(p[0]) for p in points]
+    losses = [float(p[1]) for p in points]
+    x0, x1 = min(steps), max(steps)
+    y0, y1 = min(losses), max(losses)
+    pad = 4.0
+    span_x, span_y = (x1 - x0) or 1.0, (y1 - y0) or 1.0
+    coordinates = " ".join(f"{pad + (x - x0) / span_x * (width - 2 * pad):.1f},"
+                           f"{height - pad - (y - y0) / span_y * (height - 2 * pad):.1f}"
+                           for x, y in zip(steps, losses))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" id="gvsl-loss-svg">'
+            f'<rect width="{width}" height="{height}" fill="#fafafa" stroke="#ccc"/>'
+            f'<polyline fill="none" stroke="#1976d2" stroke-width="1.5" points="{coordinates}"/>'
+            f'<text x="{pad + 2}" y="12" font-size="10">{y1:.4g}</text>'
+            f'<text x="{pad + 2}" y="{height - pad - 2}" font-size="10">{y0:.4g}</text>'
+            f'<text x="{width - pad - 2}" y="{height - pad - 2}" font-size="10" text-anchor="end">'
+            f'step {int(x1)}</text></svg>')
+
+
 def read_volume(path: Path, shown_name: str) -> sitk.Image:
     """The engine's reader and checks (``gvsl.data.read_image``: 3D, scalar, complete, finite), its
     message naming ``shown_name`` (what the user typed or uploaded) instead of the server's path."""
@@ -78,6 +130,17 @@ class MatchStatus:
     result_folder: Optional[str] = None
 
 
+@dataclass
+class TrainingStatus:
+    kind: str = ""  # pretrain | finetune
+    state: str = "idle"  # idle | running | done | stopped | failed
+    progress: float = 0.0
+    message: str = ""
+    losses: List[Tuple[int, float]] = field(default_factory=list)  # (step, total loss)
+    run_folder: Optional[str] = None
+    checkpoint: Optional[str] = None  # what the run produced (pretrain: last.pt, finetune: best.pt)
+
+
 class WebSession:
     """The web page's actions on one MRML scene."""
 
@@ -93,6 +156,8 @@ class WebSession:
         self.status = MatchStatus()
         self.result: Optional[MatchPairResult] = None
         self._runs = 0
+        self.training_job: Optional[GVSLJob] = None
+        self.training = TrainingStatus()
 
     # ------------------------------------------------------------------ inputs
     def _add_volume(self, role: str, image: sitk.Image, name: str):
@@ -231,3 +296,134 @@ class WebSession:
             return []
         folder = Path(self.status.result_folder)
         return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+    # ---------------------------------------------------------------- training
+    def start_training(self, kind: str, data: str, run_name: str, labels: str = "", classes: str = "",
+                       iterations: int = 1000, patch: int = 64, width: float = 0.25, learning_rate: float = 1e-4,
+                       init: str = "", resume: bool = False, spacing_mm=None,
+                       extra: Sequence[str] = ()) -> TrainingStatus:
+        """Start ``gvsl pretrain`` (``data``: a folder of volumes) or ``gvsl finetune`` (``data``:
+        images, ``labels``: label maps, ``classes``: comma-separated names) on folders under the
+        data root; the run goes to ``WORK/runs/RUN_NAME``, where ``resume`` continues it."""
+        if kind not in TRAINING_KINDS:
+            raise SessionError(f"unknown training {kind!r}: one of {TRAINING_KINDS}")
+        if self.training_job is not None and self.training_job.running:
+            raise SessionError(f"{self.training.kind} is already running: wait for it or Cancel")
+        try:
+            iterations, patch, width, learning_rate = int(iterations), int(patch), float(width), float(learning_rate)
+            spacing_mm = None if spacing_mm in (None, "") else float(spacing_mm)
+        except (TypeError, ValueError):
+            raise SessionError("iterations and patch want whole numbers; width, learning rate and spacing "
+                               "numbers") from None
+        if iterations < 1 or patch < 16 or width <= 0 or learning_rate <= 0 or (spacing_mm is not None
+                                                                                 and spacing_mm <= 0):
+            raise SessionError("iterations >= 1, patch >= 16, and width, learning rate and spacing > 0, please")
+        if spacing_mm is not None:
+            extra = [*extra, "--spacing", str(spacing_mm)]
+        data_folder = resolve_folder_under_root(self.data_root, data,
+                                                "images folder" if kind == "finetune" else "data folder")
+        run_folder = self.work_dir / "runs" / safe_run_name(run_name)
+        if "--log-every" not in extra:  # a curve of at most ~200 points, and points for short runs too
+            extra = [*extra, "--log-every", str(max(1, iterations // 200))]
+        last = run_folder / "checkpoints" / "last.pt"
+        if resume and not last.exists():
+            raise SessionError(f"run {run_name}: nothing to resume (no checkpoint yet); start it instead")
+        if not resume and last.exists():
+            raise SessionError(f"run {run_name}: already has a checkpoint; Resume it or choose another name")
+        if kind == "pretrain":
+            init_args = ["--init", self._resolve_checkpoint(init)] if init else []
+            job = self.logic.pretrainJob(str(data_folder), str(run_folder), patch, iterations, 1, width,
+                                         learning_rate, self.device, resume, extra=[*init_args, *extra])
+            produced = last
+        else:
+            label_folder = resolve_folder_under_root(self.data_root, labels, "labels folder")
+            names = [c.strip() for c in (classes or "").split(",") if c.strip()]
+            if not names:
+                raise SessionError("fine-tuning needs the class names of labels 1..K, comma-separated")
+            job = self.logic.finetuneJob(str(data_folder), str(label_folder), str(run_folder), names,
+                                         self._resolve_checkpoint(init) if init else "scratch", "full", patch,
+                                         iterations, 1, learning_rate, self.device, resume,
+                                         extra=[*(["--width", str(width)] if not init else []), *extra])
+            produced = run_folder / "checkpoints" / "best.pt"
+        if self.python:
+            job.python = self.python
+        self.training_job = job.start()
+        self.training = TrainingStatus(kind, "running", 0.0, f"starting gvsl {kind}", [], str(run_folder),
+                                       str(produced))
+        return self.training
+
+    def _resolve_checkpoint(self, typed: str) -> str:
+        """A checkpoint the user names: one of this server's runs (``runs/NAME/...``, under the work
+        folder) or a file under the data root."""
+        typed = typed.strip()
+        work = (self.work_dir / typed).resolve()
+        if work.is_file() and self.work_dir.resolve() in work.parents:
+            return str(work)
+        if self.data_root is not None:
+            path = (self.data_root / typed).resolve()
+            if path.is_file() and (self.data_root in path.parents):
+                return str(path)
+        raise SessionError(f"{typed}: no such checkpoint among this server's runs or under the data folder")
+
+    def poll_training(self) -> TrainingStatus:
+        job, status = self.training_job, self.training
+        if job is None or status.state != "running":
+            return status
+        for event in job.poll():
+            kind = event.get("event")
+            if kind == "progress" and event.get("total"):
+                status.progress = min(1.0, float(event["step"]) / float(event["total"]))
+                losses = event.get("loss") or {}
+                if losses:
+                    value = losses.get("total", next(iter(losses.values())))
+                    if value is not None:
+                        status.losses.append((int(event["step"]), float(value)))
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in losses.items() if v is not None)
+                status.message = f"step {event['step']}/{event['total']}  {shown}"
+            elif kind == "validation" and "mean_dice" in event:
+                status.message = f"validation Dice {event['mean_dice']:.3f} at step {event['step']}"
+            elif kind == "start" and event.get("step"):
+                status.message = f"resumed at step {event['step']}"
+        job.kill_if_overdue(TRAINING_STOP_GRACE_S)
+        if job.running:
+            return status
+        job.wait(timeout=30)
+        job.poll()
+        job.finish()
+        done = job.last("done") or {}
+        if job.stop_requested:
+            status.state = "stopped"
+            status.message = ("stopped and killed (it did not exit in time)" if job.killed else
+                              f"stopped at step {done.get('step', '?')}: Resume continues it")
+        elif job.returncode != 0:
+            status.state = "failed"
+            status.message = job.error_message() or f"gvsl {status.kind} exited with {job.returncode}"
+        else:
+            status.state, status.progress = "done", 1.0
+            status.message = f"done: {done.get('step', '?')} steps, checkpoint {Path(status.checkpoint).name}"
+        if not Path(status.checkpoint or "").exists():
+            status.checkpoint = None
+        return status
+
+    def wait_training(self, timeout_s: float = 600.0, interval_s: float = 0.2) -> TrainingStatus:
+        deadline = time.monotonic() + timeout_s
+        while self.poll_training().state == "running":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gvsl {self.training.kind} still running after {timeout_s:.0f} s")
+            time.sleep(interval_s)
+        return self.training
+
+    def cancel_training(self):
+        """Ask the child to save and stop (non-blocking; ``poll_training`` kills it when overdue)."""
+        if self.training_job is not None and self.training_job.running:
+            self.training_job.request_stop()
+            self.training.message = "stopping: the run saves its checkpoint, then exits ..."
+        return self.training
+
+    def use_trained_model(self):
+        """Match pair from now on uses the pre-training run's checkpoint."""
+        status = self.training
+        if status.kind != "pretrain" or not status.checkpoint:
+            raise SessionError("no pre-trained checkpoint yet: run pre-training first")
+        self.checkpoint = status.checkpoint
+        return self.checkpoint
