@@ -68,6 +68,7 @@ class GVSLWebApp(TrameApp):
         self._query_node = None
         self._poll_task = None
         self._train_task = None
+        self._last_query = None
         self._init_state()
         self._build_ui()
 
@@ -181,6 +182,7 @@ class GVSLWebApp(TrameApp):
         query_view.set_foreground_volume_id(overlay.GetID())
         query_view.set_foreground_opacity(float(self.state.overlay_opacity))
         self.session.logic.showDeformationGrid(bool(self.state.show_grid))
+        self._last_query = None  # a new answer: the same point queries again
         self._arm_query_point()
         for view in (query_view, target_view):
             view.schedule_render()
@@ -237,17 +239,41 @@ class GVSLWebApp(TrameApp):
 
     # --------------------------------------------------------------- heatmap
     def _arm_query_point(self):
-        """A click in the fixed (Red) view places the query point; each placement queries."""
+        """A click in the fixed (Red) view places the query point; each placement queries.
+
+        The logic's query list holds one point; Slicer's markups manager would answer a click on a
+        full list by creating a new list, so here the list takes a second (clicked) point, the query
+        point moves there and the extra point is dropped: every click queries, one point shows."""
         if self._query_node is None:
             self._query_node = self.session.logic.queryPointNode()
+            self._query_node.SetMaximumNumberOfControlPoints(2)
             self._query_node.AddObserver(self._query_node.PointPositionDefinedEvent, self._on_query_point)
             self._query_node.AddObserver(self._query_node.PointEndInteractionEvent, self._on_query_point)
         self.slicer_app.markups_logic.place_node(self._query_node, persistent=True)
 
     def _on_query_point(self, node, _event=None):
-        if node.GetNumberOfControlPoints() == 0:
+        count = node.GetNumberOfControlPoints()
+        if count == 0:
             return
-        self.query_at(node.GetNthControlPointPositionWorld(0))
+        position = node.GetNthControlPointPositionWorld(count - 1)
+        if count > 1:
+            node.SetNthControlPointPositionWorld(0, *position)
+        if self._last_query is not None and max(abs(a - b) for a, b in zip(position, self._last_query)) < 1e-6:
+            return  # one click sends "position defined" and "interaction ended": query once
+        self._last_query = tuple(position)
+        self.query_at(position)
+        # Not from inside the widget's own placement callback: on the next turn of the loop.
+        asyncio.get_event_loop().call_soon(self._rearm_after_query)
+
+    def _rearm_after_query(self):
+        """Drop the clicked point (the query point has moved there) and make the query list the
+        place target again: the query's best-match list, new to the scene, may have taken it."""
+        node = self._query_node
+        while node is not None and node.GetNumberOfControlPoints() > 1:
+            node.RemoveNthControlPoint(node.GetNumberOfControlPoints() - 1)
+        self.slicer_app.markups_logic.place_node(node, persistent=True)
+        for view in self._views():
+            view.schedule_render()
 
     def query_at(self, point_ras):
         """What a click at ``point_ras`` (RAS mm, in the fixed volume) shows."""

@@ -156,6 +156,7 @@ class WebSession:
         self.status = MatchStatus()
         self.result: Optional[MatchPairResult] = None
         self._runs = 0
+        self._warm_up = None
         self.training_job: Optional[GVSLJob] = None
         self.training = TrainingStatus()
 
@@ -249,7 +250,25 @@ class WebSession:
             status.summary = match_summary(status.metrics)
             status.state, status.progress = "done", 1.0
             status.message = "stopped on request: the answer reached so far" if job.stop_requested else "done"
+            self._warm_up_queries()
         return status
+
+    def _warm_up_queries(self):
+        """Load the cached features and run one throw-away query at the fixed volume's centre, in
+        a thread: the first click would otherwise pay that (torch's import and first calls, about
+        2 s here). Engine only, no MRML; a click meanwhile waits for it (``heatmap_at``)."""
+        import threading
+        last = self.logic.lastMatch
+        if last is None:
+            return
+
+        def warm():
+            engine = last.result  # loads state.npz (torch, features) on first use
+            size = engine.fixed.GetSize()
+            engine.heatmap(engine.fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in size]))
+
+        self._warm_up = threading.Thread(target=warm, name="gvsl-heatmap-warm-up", daemon=True)
+        self._warm_up.start()
 
     def wait(self, timeout_s: float = 600.0, interval_s: float = 0.2) -> MatchStatus:
         deadline = time.monotonic() + timeout_s
@@ -274,6 +293,9 @@ class WebSession:
             raise SessionError("run Match pair first: the heatmap uses its cached features")
         if query not in ROLES:
             raise SessionError(f"unknown volume {query!r}: one of {ROLES}")
+        if self._warm_up is not None:
+            self._warm_up.join()  # the same result object: never load it twice
+            self._warm_up = None
         heatmap, best_ras = self.logic.similarityHeatmap(np.asarray(point_ras, float), self.volumes[query])
         self.logic.updateBestMatchMarkup(best_ras)
         other = "moving" if query == "fixed" else "fixed"
