@@ -192,3 +192,12 @@ def test_a_server_with_a_token_only_serves_a_browser_that_has_it(tmp_path, pair_
             browser.close()
     finally:
         stop_server(process)
+
+
+def test_gvsl_web_starts_the_front_end_with_its_own_options():
+    done = subprocess.run([sys.executable, "-m", "gvsl", "web", "--host", "0.0.0.0"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "give an access token with --token" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "gvsl", "web", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "--data-root" in done.stdout

@@ -102,8 +102,13 @@ def run_gvsl(pair, workdir: Path, refine: bool):
     result = match_pair(pair.fixed, pair.moving, CHECKPOINT, device="cpu", preset=preset,
                         refine_iters=None if refine else 0)
     seconds = time.perf_counter() - t0
-    info = {"refinement_start": result.metrics["refinement"].get("start"),
-            "warning": result.metrics["refinement"].get("warning")}
+    refinement = result.metrics["refinement"]
+    info = {"refinement_start": refinement.get("start"), "warning": refinement.get("warning"),
+            "stage_seconds": {k: round(float(v), 3) for k, v in result.metrics.get("seconds", {}).items()},
+            "refine_levels": [{"stage": level.get("stage"), "shape_dhw": level.get("shape_dhw"),
+                               "steps": level.get("steps", level.get("steps_each")),
+                               "seconds": round(float(level.get("seconds", 0.0)), 3)}
+                              for level in refinement.get("levels", [])]}
     return result.displacement, seconds, info
 
 
@@ -175,9 +180,27 @@ def main(argv=None):
     parser.add_argument("--brain-spacing", type=float, default=2.0)
     parser.add_argument("--json", default=None, help="also write every row here")
     parser.add_argument("--checkpoint", default=None, help="GVSL model to measure (default: the shipped one)")
+    parser.add_argument("--refine-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a gvsl.refine.RefineOptions default for this run (experiments), repeatable")
+    parser.add_argument("--profile", action="store_true", help="print each GVSL row's stage and level seconds")
     args = parser.parse_args(argv)
     global CHECKPOINT
     CHECKPOINT = args.checkpoint
+    if args.refine_option:
+        import dataclasses
+        import functools
+        import gvsl.refine
+        original = gvsl.refine.RefineOptions
+        kinds = {f.name: f.type for f in dataclasses.fields(original)}
+        overrides = {}
+        for item in args.refine_option:
+            key, _, value = item.partition("=")
+            if key not in kinds:
+                parser.error(f"--refine-option {item}: no such field ({', '.join(kinds)})")
+            overrides[key] = int(value) if kinds[key] in ("int", int) else float(value)
+        # match_pair imports RefineOptions from gvsl.refine when it runs, so this takes effect there.
+        gvsl.refine.RefineOptions = functools.partial(original, **overrides)
+        print(f"refine options changed: {overrides}", flush=True)
     threads = os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
     print(f"threads: torch {__import__('torch').get_num_threads()}, ITK {threads or 'default'}", flush=True)
 
@@ -203,6 +226,11 @@ def main(argv=None):
             note = f" {row['warning']}" if row.get("warning") else (f" error: {row['error']}" if row.get("error") else "")
             print(f"| {pair.name:28s} | {method:13s} | {row['dice']:6.3f} | {row['hd95_mm']:7.2f} | "
                   f"{row['folding_percent']:9.3f} | {row['seconds']:7.1f} |{note}", flush=True)
+            if args.profile and row.get("stage_seconds"):
+                print("    stages: " + ", ".join(f"{k} {v:.2f}" for k, v in row["stage_seconds"].items()))
+                for level in row.get("refine_levels", []):
+                    print(f"    {level['stage']:10s} {str(level['shape_dhw']):16s} steps {level['steps']} "
+                          f"{level['seconds']:.2f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1), encoding="utf-8")
     return rows

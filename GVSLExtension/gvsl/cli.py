@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=_positive, default=None, help="width for --init scratch (default 1.0)")
     p.add_argument("--cache-dir", default=None)
 
+    p = sub.add_parser("web", help="serve the browser front end (GVSLWeb; needs the web extra and a checkout)",
+                       add_help=False)
+    p.add_argument("web_args", nargs=argparse.REMAINDER, help="GVSLWeb's options (--data-root, --host, --token, ...)")
+
     p = sub.add_parser("export", help="copy a checkpoint without its optimizer state (to share or ship)")
     p.add_argument("source")
     p.add_argument("target")
@@ -210,11 +214,39 @@ def _one_line_input_warnings(command: str):
     warnings.formatwarning = one_line
 
 
+def web_front_end_folder():
+    """GVSLModule/ of this checkout (the web front end sits beside the engine, over the Slicer
+    module's logic; a wheel of the engine alone does not have it)."""
+    from pathlib import Path
+    folder = Path(__file__).resolve().parents[2] / "GVSLModule"
+    return folder if (folder / "GVSLWeb" / "app.py").is_file() else None
+
+
+def run_web(web_args: List[str]) -> int:
+    """``python -m GVSLWeb ARGS`` with the module folder on the path: the engine imports nothing of it."""
+    import os
+    import subprocess
+    folder = web_front_end_folder()
+    if folder is None:
+        raise RuntimeError("the browser front end is not part of this installation: it lives in the repository's "
+                           "GVSLModule/GVSLWeb; install from a checkout (pip install -e \".[web]\")")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(folder), env.get("PYTHONPATH", "")) if p)
+    return subprocess.call([sys.executable, "-m", "GVSLWeb", *web_args], env=env)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         # An ASCII locale must not turn a class name like "Lunge rechts" with an umlaut into a crash.
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:1] == ["web"]:  # every later option is GVSLWeb's own (argparse would claim --help, --host ...)
+        try:
+            return run_web(argv[1:])
+        except RuntimeError as exc:
+            print(f"gvsl: {exc}", file=sys.stderr)
+            return 1
     args = build_parser().parse_args(argv)
     _one_line_input_warnings(args.command)
     try:
