@@ -82,6 +82,23 @@ def test_coarse_subject_like_component_is_off_by_default_and_smooth_when_on():
     assert float(flow.abs().max()) < 1e-5
 
 
+def test_stripped_pairs_keep_the_known_geometry_and_lose_the_outside():
+    from gvsl.synth import strip_outer
+    labels = synthetic_label_map(1, PATCH, KnownPairConfig(), torch.Generator().manual_seed(6))
+    stripped = strip_outer(labels, torch.Generator().manual_seed(7))
+    kept = stripped > 0
+    assert bool((stripped[kept] == labels[kept]).all())  # inside: the same labels, same place
+    assert 0.05 < float(kept.float().mean()) < float((labels > 0).float().mean())
+    assert not bool(kept[..., 0, :, :].any()) and not bool(kept[..., -1].any())  # the patch's border is gone
+    source = _source(strip_fraction=1.0, synthetic_fraction=1.0, independent_contrast=0.0)
+    for _ in range(4):
+        pair = source.sample(1)
+        assert not bool(pair["same_contrast"][0])  # different content: no NCC between the two
+        fixed_background = float((pair["a"] < 0.15).float().mean())
+        moving_background = float((pair["b"] < 0.15).float().mean())
+        assert fixed_background != moving_background
+
+
 def test_synthetic_label_maps_and_rendering():
     config = KnownPairConfig(labels=(6, 10))
     labels = synthetic_label_map(3, PATCH, config, torch.Generator().manual_seed(4))

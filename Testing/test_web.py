@@ -161,6 +161,7 @@ def test_upload_then_pretrain_with_loss_curve_and_use_the_model_in_the_browser(s
             page.locator(f"#gvsl-train-{element}").fill(value)
         page.locator("#gvsl-train-start").click()
         page.get_by_text("done: 4 steps").wait_for(timeout=300_000)
+        page.locator("#gvsl-train-use").scroll_into_view_if_needed()
         shot(page, "web_4_pretrained")
         curve = page.locator("#gvsl-train-curve polyline").get_attribute("points")
         page.locator("#gvsl-train-use").click()

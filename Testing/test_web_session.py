@@ -186,4 +186,4 @@ def test_cancel_stops_pretraining_with_its_checkpoint_saved(session):
     assert status.state == "stopped" and "Resume continues it" in status.message
     from gvsl.checkpoint import read_checkpoint
     saved = read_checkpoint(status.checkpoint)["step"]
-    assert 2 <= saved < 500 and f"stopped at step {saved}" in status.message
+    assert 2 <= saved < 500 and f"at step {saved};" in status.message

@@ -376,6 +376,7 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
     seconds["fields"] = time.perf_counter() - t0
 
     # Quality on the fixed working grid, the same measure for every stage.
+    t0 = time.perf_counter()
     moving_norm_t = torch.from_numpy(sitk.GetArrayFromImage(moving_norm))[None, None]
     moving_norm_grid = Grid.of(moving_norm)
 
@@ -409,6 +410,7 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
 
     jac_local = final.jacobian_on_local_grid() if final.local is not None else None
     jac = sitk.GetArrayViewFromImage(result.jacobian)
+    seconds["quality"] = time.perf_counter() - t0
     result.moving_on_fixed_working = moving_on_fixed
     result.metrics = {
         "local_ncc_before": stages["before"],

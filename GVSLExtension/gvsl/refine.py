@@ -49,6 +49,10 @@ class RefineOptions:
     # (the panel's Stop, through gvsl.stopfile); what was reached is kept.
     stop: Optional[Callable[[], bool]] = None
     max_voxels: int = 1 << 20  # finest level: at most ~1 M voxels (a 2 mm brain, a 3 mm CT)
+    # The levels cover the fixed image's foreground box plus this margin, not its whole field of
+    # view: the similarity only counts foreground voxels, so the air around a head or a body was
+    # optimised for nothing; None covers the whole fixed image (the mapping's grid then too).
+    foreground_margin_mm: Optional[float] = 12.0
     levels: int = 3
     min_level_size: int = 24  # no level with a side shorter than this
     smoothness: float = 3.0  # weight of the velocity's diffusion regulariser
@@ -164,6 +168,28 @@ def volume_on(image: sitk.Image, grid: Grid, device) -> torch.Tensor:
     resampled = sitk.Resample(image, grid.size, sitk.Transform(), sitk.sitkLinear, grid.origin, grid.spacing,
                               grid.direction, 0.0, sitk.sitkFloat32)
     return torch.from_numpy(sitk.GetArrayFromImage(resampled))[None, None].to(device)
+
+
+def crop_to_foreground(image: sitk.Image, margin_mm: float, worth: float = 0.85) -> sitk.Image:
+    """``image`` cropped to the box of its foreground (above 5 % of its 99th percentile, as the
+    similarity's mask) grown by ``margin_mm``; ``image`` itself when the box would keep more than
+    ``worth`` of its voxels or there is no foreground."""
+    array = sitk.GetArrayViewFromImage(image)
+    sample = array.ravel()[:: max(1, array.size // 200_000)]
+    foreground = array > 0.05 * float(np.percentile(sample, 99))
+    if not foreground.any():
+        return image
+    spacing_kji = np.asarray(image.GetSpacing(), dtype=np.float64)[::-1]
+    margin = np.ceil(margin_mm / spacing_kji).astype(int)
+    lower, upper = [], []
+    for axis in range(3):
+        present = np.flatnonzero(foreground.any(axis=tuple(a for a in range(3) if a != axis)))
+        lower.append(max(0, int(present[0]) - margin[axis]))
+        upper.append(min(array.shape[axis], int(present[-1]) + 1 + margin[axis]))
+    size_kji = np.subtract(upper, lower)
+    if np.prod(size_kji) > worth * array.size:
+        return image
+    return sitk.RegionOfInterest(image, [int(v) for v in size_kji[::-1]], [int(v) for v in lower[::-1]])
 
 
 def _reduced(image: sitk.Image, spacing_xyz) -> sitk.Image:
@@ -509,6 +535,9 @@ def refine_mapping(fixed: sitk.Image, moving: sitk.Image, start: Mapping, option
     # spacing; every level is then built from that, not from the full volume.
     fixed = _reduced(fixed, spacings[-1])
     moving = _reduced(moving, spacings[-1])
+    fixed_whole = fixed
+    if options.foreground_margin_mm is not None:
+        fixed = crop_to_foreground(fixed, options.foreground_margin_mm)
     # Each level's velocity lives at the next coarser level's spacing (half resolution).
     controls = [spacings[0] * 2.0] + spacings[:-1]
     levels: List[_Level] = []
@@ -526,7 +555,8 @@ def refine_mapping(fixed: sitk.Image, moving: sitk.Image, start: Mapping, option
     candidates = {
         "network": start.affine,
         "centre of mass": _translation(moving_com - fixed_com),
-        "image centres": _translation(Grid.of(moving).physical_bounds_center() - Grid.of(fixed).physical_bounds_center()),
+        "image centres": _translation(Grid.of(moving).physical_bounds_center()
+                                      - Grid.of(fixed_whole).physical_bounds_center()),
         "scanner": np.eye(4),
     }
     polish = max(5, options.iterations // 8)

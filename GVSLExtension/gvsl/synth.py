@@ -54,6 +54,10 @@ class KnownPairConfig:
     synthetic_fraction: float = 0.35      # samples drawn from synthetic label maps
     recontrast_fraction: float = 0.5      # real samples re-rendered with a random contrast
     independent_contrast: float = 0.25    # samples whose fixed volume gets a second contrast
+    # Samples where one of the two volumes shows only an inner part of the anatomy (the rest is
+    # background), as a skull-stripped brain against a whole head: content that is missing is
+    # no reason to move (0 = off, the shipped recipe).
+    strip_fraction: float = 0.0
     labels: Sequence[int] = (6, 16)       # label count range of a synthetic map
 
     def to_json(self) -> dict:
@@ -130,6 +134,20 @@ def _body_mask(shape, generator, device) -> torch.Tensor:
     radius = (((grid - center) / radii) ** 2).sum(0, keepdim=True).sqrt()[None]
     wobble = smooth_noise(1, 1, shape, 16.0, generator, device) * 0.12
     return (radius + wobble) < 1.0
+
+
+def strip_outer(labels: torch.Tensor, generator=None) -> torch.Tensor:
+    """``labels`` (1, 1, D, H, W) with everything outside a random smaller ellipsoid (radii 45-85 %
+    of the patch's half sides, smooth random boundary) set to background 0."""
+    shape = labels.shape[2:]
+    device = labels.device
+    axes = [torch.linspace(-1, 1, s, device=device) for s in shape]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    radii = _uniform((3,), 0.45, 0.85, generator, device).view(3, 1, 1, 1)
+    center = _uniform((3,), -0.1, 0.1, generator, device).view(3, 1, 1, 1)
+    radius = (((grid - center) / radii) ** 2).sum(0, keepdim=True).sqrt()[None]
+    wobble = smooth_noise(1, 1, shape, 16.0, generator, device) * 0.1
+    return torch.where((radius + wobble) < 1.0, labels, torch.zeros_like(labels))
 
 
 def render(labels: torch.Tensor, generator=None) -> torch.Tensor:
@@ -228,6 +246,13 @@ class KnownPairSource:
             moving, labels = self._moving()
             independent = labels is not None and self._chance(cfg.independent_contrast)
             source = render(labels, g) if independent else moving
+            if labels is not None and cfg.strip_fraction > 0 and self._chance(cfg.strip_fraction):
+                stripped = render(strip_outer(labels, g), g)
+                if self._chance(0.5):
+                    source = stripped  # the fixed volume is the stripped one
+                else:
+                    moving = stripped
+                independent = True  # different content: no NCC between them, the known field only
             a.append(warp(source, flow[i:i + 1]))
             b.append(moving)
             same.append(not independent)

@@ -416,13 +416,13 @@ class WebSession:
         if job.stop_requested:
             status.state = "stopped"
             status.message = ("stopped and killed (it did not exit in time)" if job.killed else
-                              f"stopped at step {done.get('step', '?')}: Resume continues it")
+                              f"at step {done.get('step', '?')}; Resume continues it")
         elif job.returncode != 0:
             status.state = "failed"
             status.message = job.error_message() or f"gvsl {status.kind} exited with {job.returncode}"
         else:
             status.state, status.progress = "done", 1.0
-            status.message = f"done: {done.get('step', '?')} steps, checkpoint {Path(status.checkpoint).name}"
+            status.message = f"{done.get('step', '?')} steps, checkpoint {Path(status.checkpoint).name}"
         if not Path(status.checkpoint or "").exists():
             status.checkpoint = None
         return status
