@@ -187,3 +187,22 @@ def test_cancel_stops_pretraining_with_its_checkpoint_saved(session):
     from gvsl.checkpoint import read_checkpoint
     saved = read_checkpoint(status.checkpoint)["step"]
     assert 2 <= saved < 500 and f"at step {saved};" in status.message
+
+
+def test_finetune_in_a_child_gives_its_curve_and_best_checkpoint(session, data_root):
+    from gvsl.samples import synthetic_volume
+    for folder in ("images", "labels"):
+        (data_root / "seg" / folder).mkdir(parents=True)
+    for seed in range(3):
+        image, labels = synthetic_volume(size=(24, 24, 20), spacing=(1.5, 1.5, 1.5), seed=20 + seed, n_blobs=6)
+        sitk.WriteImage(image, str(data_root / "seg" / "images" / f"case{seed}.nii.gz"))
+        sitk.WriteImage(labels, str(data_root / "seg" / "labels" / f"case{seed}.nii.gz"))
+    classes = ",".join(f"c{k}" for k in range(1, int(sitk.GetArrayFromImage(labels).max()) + 1))
+    session.start_training("finetune", "seg/images", "ft", labels="seg/labels", classes=classes, iterations=4,
+                           patch=16, width=0.25, spacing_mm=1.5, extra=["--log-every", "1", "--val-every", "2"])
+    status = session.wait_training(timeout_s=300)
+    assert status.state == "done", status.message
+    assert [step for step, _ in status.losses] == [1, 2, 3, 4]
+    assert status.checkpoint.endswith("runs/ft/checkpoints/best.pt")
+    with pytest.raises(SessionError, match="no pre-trained checkpoint"):
+        session.use_trained_model()  # a segmentation model is not a Match pair model
