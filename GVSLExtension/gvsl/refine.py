@@ -171,12 +171,11 @@ def volume_on(image: sitk.Image, grid: Grid, device) -> torch.Tensor:
 
 
 def crop_to_foreground(image: sitk.Image, margin_mm: float, worth: float = 0.85) -> sitk.Image:
-    """``image`` cropped to the box of its foreground (above 5 % of its 99th percentile, as the
+    """``image`` cropped to the box of its foreground (:func:`foreground_threshold`, as the
     similarity's mask) grown by ``margin_mm``; ``image`` itself when the box would keep more than
     ``worth`` of its voxels or there is no foreground."""
     array = sitk.GetArrayViewFromImage(image)
-    sample = array.ravel()[:: max(1, array.size // 200_000)]
-    foreground = array > 0.05 * float(np.percentile(sample, 99))
+    foreground = array > foreground_threshold(array)
     if not foreground.any():
         return image
     spacing_kji = np.asarray(image.GetSpacing(), dtype=np.float64)[::-1]
@@ -324,11 +323,19 @@ class Similarity:
         return self.lncc(warped)
 
 
+def foreground_threshold(volume) -> float:
+    """The intensity above which a normalised volume (tensor or array) has structure: 5 % of its
+    99th percentile (of a ~200 k voxel sample)."""
+    flat = volume.reshape(-1)
+    sample = flat[:: max(1, flat.shape[0] // 200_000)]
+    if not isinstance(sample, torch.Tensor):
+        sample = torch.from_numpy(np.array(sample, dtype=np.float32))
+    return 0.05 * float(torch.quantile(sample.float(), 0.99))
+
+
 def _foreground(volume: torch.Tensor, window: int) -> torch.Tensor:
-    """Where the fixed image has structure (above 5 % of its 99th percentile), dilated."""
-    sample = volume.flatten()[:: max(1, volume.numel() // 200_000)]
-    threshold = 0.05 * float(torch.quantile(sample.float(), 0.99))
-    mask = (volume > threshold).float()
+    """Where the fixed image has structure (above :func:`foreground_threshold`), dilated."""
+    mask = (volume > foreground_threshold(volume)).float()
     mask = F.max_pool3d(mask, kernel_size=window, stride=1, padding=window // 2)
     return mask if mask.sum() > 0 else torch.ones_like(volume)
 

@@ -125,29 +125,27 @@ def synthetic_label_map(n: int, shape: Sequence[int], config: KnownPairConfig, g
     return torch.cat(maps)
 
 
-def _body_mask(shape, generator, device) -> torch.Tensor:
-    """(1, 1, *shape) bool: a random ellipsoid with a smooth random boundary."""
+def _random_ellipsoid(shape, radii, centre, wobble, generator, device) -> torch.Tensor:
+    """(1, 1, *shape) bool: an ellipsoid with radii uniform in ``radii`` and centre uniform in
+    ``centre`` (fractions of the half sides), its boundary moved by smooth noise of ``wobble``."""
     axes = [torch.linspace(-1, 1, s, device=device) for s in shape]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
-    radii = _uniform((3,), 0.6, 1.0, generator, device).view(3, 1, 1, 1)
-    center = _uniform((3,), -0.15, 0.15, generator, device).view(3, 1, 1, 1)
-    radius = (((grid - center) / radii) ** 2).sum(0, keepdim=True).sqrt()[None]
-    wobble = smooth_noise(1, 1, shape, 16.0, generator, device) * 0.12
-    return (radius + wobble) < 1.0
+    radius_xyz = _uniform((3,), *radii, generator, device).view(3, 1, 1, 1)
+    centre_xyz = _uniform((3,), *centre, generator, device).view(3, 1, 1, 1)
+    radius = (((grid - centre_xyz) / radius_xyz) ** 2).sum(0, keepdim=True).sqrt()[None]
+    return (radius + smooth_noise(1, 1, shape, 16.0, generator, device) * wobble) < 1.0
+
+
+def _body_mask(shape, generator, device) -> torch.Tensor:
+    """(1, 1, *shape) bool: a random body outline."""
+    return _random_ellipsoid(shape, (0.6, 1.0), (-0.15, 0.15), 0.12, generator, device)
 
 
 def strip_outer(labels: torch.Tensor, generator=None) -> torch.Tensor:
     """``labels`` (1, 1, D, H, W) with everything outside a random smaller ellipsoid (radii 45-85 %
     of the patch's half sides, smooth random boundary) set to background 0."""
-    shape = labels.shape[2:]
-    device = labels.device
-    axes = [torch.linspace(-1, 1, s, device=device) for s in shape]
-    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
-    radii = _uniform((3,), 0.45, 0.85, generator, device).view(3, 1, 1, 1)
-    center = _uniform((3,), -0.1, 0.1, generator, device).view(3, 1, 1, 1)
-    radius = (((grid - center) / radii) ** 2).sum(0, keepdim=True).sqrt()[None]
-    wobble = smooth_noise(1, 1, shape, 16.0, generator, device) * 0.1
-    return torch.where((radius + wobble) < 1.0, labels, torch.zeros_like(labels))
+    inner = _random_ellipsoid(labels.shape[2:], (0.45, 0.85), (-0.1, 0.1), 0.1, generator, labels.device)
+    return torch.where(inner, labels, torch.zeros_like(labels))
 
 
 def render(labels: torch.Tensor, generator=None) -> torch.Tensor:

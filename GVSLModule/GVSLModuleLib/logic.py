@@ -398,8 +398,9 @@ class GVSLLogic:
         return heatmapNode, lps_to_ras(best_lps)
 
     def queryPointNode(self):
-        """The heatmap's query point: a point list that holds one control point at most, so
-        placing again moves it instead of adding point #2 the heatmap would not read."""
+        """The heatmap's query point: a point list that holds one control point at most (the
+        heatmap reads point #1). Slicer answers a placement on a full list by starting a new list,
+        so front ends move this point (the panel: drag it; the web page: see GVSLWeb.app)."""
         node = mrml_io.get_or_create(self.scene, "vtkMRMLMarkupsFiducialNode", "GVSL query", "query", "query")
         node.SetMaximumNumberOfControlPoints(1)
         return node

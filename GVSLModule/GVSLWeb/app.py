@@ -155,24 +155,34 @@ class GVSLWebApp(TrameApp):
             self.session.job.request_stop()  # the poll loop sees the child end (and kills it if overdue)
             self.state.match_message = "cancelling..."
 
-    async def _poll_match(self):
+    async def _follow(self, poll, show, prefix: str):
+        """Poll a child job every POLL_INTERVAL_S and show its status until it ends; ``prefix``
+        names its state keys (``PREFIX_state``, ``PREFIX_progress``, ``PREFIX_message``)."""
         while True:
-            job = self.session.job
-            if job is not None:
-                job.kill_if_overdue(grace_s=20.0)
-            status = self.session.poll()
+            status = poll()
             with self.state:
-                self.state.match_state = status.state
-                self.state.match_progress = round(100 * status.progress)
-                self.state.match_message = status.message
+                self.state[f"{prefix}_state"] = status.state
+                self.state[f"{prefix}_progress"] = round(100 * status.progress)
+                self.state[f"{prefix}_message"] = status.message
                 if status.state == "failed":
                     self.state.error = status.message
-                if status.state == "done":
-                    self.state.summary = status.summary
-                    self._show_result()
+                show(status)
             if status.state != "running":
                 return
             await asyncio.sleep(POLL_INTERVAL_S)
+
+    def _poll_match(self):
+        def poll():
+            if self.session.job is not None:
+                self.session.job.kill_if_overdue(grace_s=20.0)
+            return self.session.poll()
+
+        def show(status):
+            if status.state == "done":
+                self.state.summary = status.summary
+                self._show_result()
+
+        return self._follow(poll, show, "match")
 
     def _show_result(self):
         result = self.session.result
@@ -222,20 +232,12 @@ class GVSLWebApp(TrameApp):
             return
         self.state.match_model = checkpoint
 
-    async def _poll_training(self):
-        while True:
-            status = self.session.poll_training()
-            with self.state:
-                self.state.train_state = status.state
-                self.state.train_progress = round(100 * status.progress)
-                self.state.train_message = status.message
-                self.state.train_curve_svg = loss_curve_svg(status.losses)
-                self.state.train_checkpoint = status.checkpoint or ""
-                if status.state == "failed":
-                    self.state.error = status.message
-            if status.state != "running":
-                return
-            await asyncio.sleep(POLL_INTERVAL_S)
+    def _poll_training(self):
+        def show(status):
+            self.state.train_curve_svg = loss_curve_svg(status.losses)
+            self.state.train_checkpoint = status.checkpoint or ""
+
+        return self._follow(self.session.poll_training, show, "train")
 
     # --------------------------------------------------------------- heatmap
     def _arm_query_point(self):

@@ -43,15 +43,22 @@ def _suffix_ok(name: str) -> bool:
     return name.lower().endswith(VOLUME_SUFFIXES)
 
 
-def resolve_under_root(data_root: Path, typed: str) -> Path:
-    """``typed`` (relative to ``data_root``, or absolute inside it) as an existing volume file."""
-    if not typed or not typed.strip():
-        raise SessionError("no file given: type a path under the data folder")
+def _inside_root(data_root: Path, typed: str) -> Tuple[Path, Path]:
+    """(root, path) of ``typed`` (relative to ``data_root``, or absolute inside it), resolved;
+    refused when it leaves the root (``..``, links, absolute paths elsewhere)."""
     root = Path(data_root).resolve()
     candidate = Path(typed.strip()).expanduser()
     path = (candidate if candidate.is_absolute() else root / candidate).resolve()
     if path != root and root not in path.parents:
         raise SessionError(f"{typed}: outside the data folder {root}; this server only reads files under it")
+    return root, path
+
+
+def resolve_under_root(data_root: Path, typed: str) -> Path:
+    """``typed`` (relative to ``data_root``, or absolute inside it) as an existing volume file."""
+    if not typed or not typed.strip():
+        raise SessionError("no file given: type a path under the data folder")
+    root, path = _inside_root(data_root, typed)
     if not path.exists():
         raise SessionError(f"{typed}: no such file under {root}")
     if not path.is_file():
@@ -67,11 +74,7 @@ def resolve_folder_under_root(data_root: Optional[Path], typed: str, what: str) 
         raise SessionError(f"this server was started without a data folder (--data-root): no {what} to read")
     if not typed or not typed.strip():
         raise SessionError(f"no {what} given: type a folder under the data folder ('.' is the data folder itself)")
-    root = Path(data_root).resolve()
-    candidate = Path(typed.strip()).expanduser()
-    path = (candidate if candidate.is_absolute() else root / candidate).resolve()
-    if path != root and root not in path.parents:
-        raise SessionError(f"{typed}: outside the data folder {root}; this server only reads files under it")
+    root, path = _inside_root(data_root, typed)
     if not path.is_dir():
         raise SessionError(f"{typed}: no such folder under {root}" if not path.exists() else
                            f"{typed}: is a file; the {what} is a folder of volumes")
@@ -139,6 +142,30 @@ class TrainingStatus:
     losses: List[Tuple[int, float]] = field(default_factory=list)  # (step, total loss)
     run_folder: Optional[str] = None
     checkpoint: Optional[str] = None  # what the run produced (pretrain: last.pt, finetune: best.pt)
+
+
+def _drain(job: GVSLJob, handle) -> bool:
+    """Hand every event the child has sent to ``handle``; once it has exited, wait for it, read
+    what its output threads still held (its last progress and ``done``), reap what it left behind.
+    Returns True while it still runs."""
+    for event in job.poll():
+        handle(event)
+    if job.running:
+        return True
+    job.wait(timeout=30)
+    for event in job.poll():
+        handle(event)
+    job.finish()
+    return False
+
+
+def _wait_while_running(poll, what: str, timeout_s: float, interval_s: float):
+    deadline = time.monotonic() + timeout_s
+    while (status := poll()).state == "running":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} still running after {timeout_s:.0f} s")
+        time.sleep(interval_s)
+    return status
 
 
 class WebSession:
@@ -226,18 +253,16 @@ class WebSession:
         job, status = self.job, self.status
         if job is None or status.state != "running":
             return status
-        for event in job.poll():
+        def handle(event):
             kind = event.get("event")
             if kind == "progress" and event.get("total"):
                 status.progress = min(1.0, float(event["step"]) / float(event["total"]))
                 status.message = str(event.get("stage") or event.get("message") or "matching")
             elif kind in ("stage", "output") and event.get("message"):
                 status.message = str(event["message"])
-        if job.running:
+
+        if _drain(job, handle):
             return status
-        job.wait(timeout=30)
-        job.poll()
-        job.finish()
         if job.stop_requested and job.returncode != 0:
             status.state, status.message = "cancelled", "cancelled: nothing was imported"
         elif job.returncode != 0:
@@ -271,12 +296,7 @@ class WebSession:
         self._warm_up.start()
 
     def wait(self, timeout_s: float = 600.0, interval_s: float = 0.2) -> MatchStatus:
-        deadline = time.monotonic() + timeout_s
-        while self.poll().state == "running":
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"gvsl match still running after {timeout_s:.0f} s")
-            time.sleep(interval_s)
-        return self.status
+        return _wait_while_running(self.poll, "gvsl match", timeout_s, interval_s)
 
     def cancel(self, grace_s: float = 20.0):
         """Ask the child to stop (it saves nothing half-done); kill its tree after ``grace_s``."""
@@ -378,12 +398,14 @@ class WebSession:
         """A checkpoint the user names: one of this server's runs (``runs/NAME/...``, under the work
         folder) or a file under the data root."""
         typed = typed.strip()
-        work = (self.work_dir / typed).resolve()
-        if work.is_file() and self.work_dir.resolve() in work.parents:
-            return str(work)
-        if self.data_root is not None:
-            path = (self.data_root / typed).resolve()
-            if path.is_file() and (self.data_root in path.parents):
+        for root in (self.work_dir, self.data_root):
+            if root is None:
+                continue
+            try:
+                _, path = _inside_root(root, typed)
+            except SessionError:
+                continue
+            if path.is_file():
                 return str(path)
         raise SessionError(f"{typed}: no such checkpoint among this server's runs or under the data folder")
 
@@ -391,7 +413,7 @@ class WebSession:
         job, status = self.training_job, self.training
         if job is None or status.state != "running":
             return status
-        for event in job.poll():
+        def handle(event):
             kind = event.get("event")
             if kind == "progress" and event.get("total"):
                 status.progress = min(1.0, float(event["step"]) / float(event["total"]))
@@ -406,12 +428,10 @@ class WebSession:
                 status.message = f"validation Dice {event['mean_dice']:.3f} at step {event['step']}"
             elif kind == "start" and event.get("step"):
                 status.message = f"resumed at step {event['step']}"
+
         job.kill_if_overdue(TRAINING_STOP_GRACE_S)
-        if job.running:
+        if _drain(job, handle):
             return status
-        job.wait(timeout=30)
-        job.poll()
-        job.finish()
         done = job.last("done") or {}
         if job.stop_requested:
             status.state = "stopped"
@@ -428,12 +448,7 @@ class WebSession:
         return status
 
     def wait_training(self, timeout_s: float = 600.0, interval_s: float = 0.2) -> TrainingStatus:
-        deadline = time.monotonic() + timeout_s
-        while self.poll_training().state == "running":
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"gvsl {self.training.kind} still running after {timeout_s:.0f} s")
-            time.sleep(interval_s)
-        return self.training
+        return _wait_while_running(self.poll_training, f"gvsl {self.training.kind}", timeout_s, interval_s)
 
     def cancel_training(self):
         """Ask the child to save and stop (non-blocking; ``poll_training`` kills it when overdue)."""
