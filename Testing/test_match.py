@@ -306,9 +306,60 @@ def test_scaling_and_squaring_equals_monai():
     from gvsl.refine import integrate_velocity
     torch.manual_seed(0)
     velocity = torch.nn.functional.interpolate(torch.randn(1, 3, 4, 5, 6) * 3, size=(12, 14, 16), mode="trilinear")
-    ours = integrate_velocity(velocity, steps=6)
-    theirs = DVF2DDF(num_steps=6, mode="bilinear", padding_mode="border")(velocity)
-    assert torch.allclose(ours, theirs, atol=1e-4)
+    monai = DVF2DDF(num_steps=6, mode="bilinear", padding_mode="border")
+    exact = velocity.double()
+    assert torch.allclose(integrate_velocity(exact, steps=6), monai(exact), atol=1e-9)
+    # float32: six squarings of a 7-voxel field, rounding only (gvsl.sampling's row coordinate)
+    assert torch.allclose(integrate_velocity(velocity, steps=6), monai(velocity), atol=5e-4)
+
+
+def test_sampling_coordinates_from_the_control_grid_equal_the_full_resolution_ones():
+    """The refinement's fast path (channel map on the control grid, then one upsample) gives
+    the coordinates of the plain path (upsample, add, map every voxel)."""
+    from gvsl.refine import RefineOptions, _Level
+    rng = np.random.default_rng(0)
+    fixed = sitk.GetImageFromArray(rng.random((20, 22, 18)).astype(np.float32))
+    fixed.SetSpacing((1.5, 1.2, 2.0))
+    fixed.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    moving = sitk.GetImageFromArray(rng.random((16, 24, 20)).astype(np.float32))
+    moving.SetSpacing((1.4, 1.3, 1.8))
+    moving.SetOrigin((4.0, -3.0, 2.0))
+    level = _Level(fixed, moving, np.array([1.5, 1.5, 2.0]), np.array([3.0, 3.0, 4.0]), RefineOptions(), "cpu")
+    affine = torch.tensor([[1.02, 0.05, 0.0, 2.0], [-0.04, 0.97, 0.03, -1.0], [0.0, 0.02, 1.05, 0.5],
+                           [0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    control = torch.randn(1, 3, *level.control.shape)
+    plain = level.coords_for(affine, level.upsample(control))
+    fast = level.coords_for_control(affine, level.coords_for(affine), control)
+    assert fast.shape == plain.shape
+    assert torch.allclose(fast, plain, atol=1e-5)
+
+
+def test_refinement_adam_follows_torch_adam_with_a_warmup_ramp():
+    """WarmAdam (torch's functional Adam without the optimizer class, whose first step
+    imports torch._dynamo) takes the steps of torch.optim.Adam under LambdaLR's ramp."""
+    from gvsl.refine import WarmAdam
+    torch.manual_seed(0)
+    start_a, start_b = torch.randn(3, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    target = torch.randn(3, 3, dtype=torch.float64)
+
+    def loss(a, b):
+        return ((a - target) ** 2).sum() + (b ** 4).sum() + (a.sum() * b.sum()) ** 2
+
+    ours_a, ours_b = start_a.clone().requires_grad_(True), start_b.clone().requires_grad_(True)
+    ref_a, ref_b = start_a.clone().requires_grad_(True), start_b.clone().requires_grad_(True)
+    ours = WarmAdam([(ours_a, 0.01), (ours_b, 0.3)], warmup=4)
+    ref = torch.optim.Adam([{"params": [ref_a], "lr": 0.01}, {"params": [ref_b], "lr": 0.3}])
+    ramp = torch.optim.lr_scheduler.LambdaLR(ref, lambda step: min(1.0, (step + 1) / 4))
+    for _ in range(12):
+        ours.zero_grad()
+        loss(ours_a, ours_b).backward()
+        ours.step()
+        ref.zero_grad()
+        loss(ref_a, ref_b).backward()
+        ref.step()
+        ramp.step()
+    assert not torch.allclose(ours_a, start_a)
+    assert torch.allclose(ours_a, ref_a, atol=1e-12) and torch.allclose(ours_b, ref_b, atol=1e-12)
 
 
 def test_lncc_box_filter_equals_monai():
@@ -365,16 +416,19 @@ def test_plateau_waits_for_the_warm_up_then_stops_on_a_flat_loss():
 
 
 def test_learning_rate_ramps_up_over_the_warm_up():
-    from gvsl.refine import warmed_up
-    parameter = torch.zeros(1, requires_grad=True)
-    optimiser = torch.optim.Adam([parameter], lr=0.5)
-    schedule = warmed_up(optimiser, 4)
-    seen = []
+    """Under a constant gradient Adam moves a parameter by exactly its learning rate, so the
+    step sizes are the ramp."""
+    from gvsl.refine import WarmAdam
+    parameter = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimiser = WarmAdam([(parameter, 0.5)], warmup=4)
+    positions = [0.0]
     for _ in range(6):
-        seen.append(optimiser.param_groups[0]["lr"])
+        optimiser.zero_grad()
+        parameter.sum().backward()
         optimiser.step()
-        schedule.step()
-    assert seen == pytest.approx([0.125, 0.25, 0.375, 0.5, 0.5, 0.5])
+        positions.append(float(parameter.detach()))
+    steps = [before - after for before, after in zip(positions, positions[1:])]
+    assert steps == pytest.approx([0.125, 0.25, 0.375, 0.5, 0.5, 0.5], abs=1e-6)
 
 
 def test_tolerance_ends_stages_early_at_about_the_same_loss(known_pair, rigged_model):

@@ -182,6 +182,45 @@ def test_export_drops_optimizer_state_and_still_loads(tmp_path):
     assert gvsl.load_model(slim).load_report.random_init == []
 
 
+def _saved_model(path, width=0.25, seed=0, step=1):
+    from gvsl.checkpoint import FORMAT, save_atomic
+    torch.manual_seed(seed)
+    model = gvsl.GVSL(width=width)
+    return save_atomic({"format": FORMAT, "format_version": 1, "kind": "pretrain", "model": model.config,
+                        "state_dict": model.state_dict(), "step": step}, path), model
+
+
+def test_export_of_several_checkpoints_averages_their_weights(tmp_path):
+    from gvsl.checkpoint import read_checkpoint
+    from gvsl.cli import main
+    first, model_a = _saved_model(tmp_path / "a.pt", seed=0, step=100)
+    second, model_b = _saved_model(tmp_path / "b.pt", seed=1, step=200)
+    assert main(["export", str(first), str(second), str(tmp_path / "mean.pt")]) == 0
+    averaged = read_checkpoint(tmp_path / "mean.pt")
+    assert averaged["step"] == 200 and averaged["averaged_from"] == [str(first), str(second)]
+    loaded = gvsl.load_model(tmp_path / "mean.pt")
+    assert loaded.load_report.random_init == []
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    for key, value in loaded.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(value, (state_a[key] + state_b[key]) / 2, atol=1e-6), key
+    assert not torch.allclose(state_a["unet.inc.double_conv.0.weight"], state_b["unet.inc.double_conv.0.weight"])
+
+
+def test_averaging_refuses_checkpoints_of_two_architectures(tmp_path, capsys):
+    from gvsl.checkpoint import CheckpointError, average_weights
+    from gvsl.cli import main
+    narrow, _ = _saved_model(tmp_path / "narrow.pt", width=0.25)
+    wide, _ = _saved_model(tmp_path / "wide.pt", width=0.5)
+    with pytest.raises(CheckpointError, match="wide.pt.*differs from.*narrow.pt"):
+        average_weights([narrow, wide], tmp_path / "mean.pt")
+    assert not (tmp_path / "mean.pt").exists()
+    with pytest.raises(CheckpointError, match="at least two"):
+        average_weights([narrow], tmp_path / "mean.pt")
+    assert main(["export", str(narrow), str(wide), str(tmp_path / "mean.pt")]) == 1
+    assert "wide.pt" in capsys.readouterr().err
+
+
 def test_correlation_flow_finds_a_known_shift_and_fit_affine_recovers_an_affine():
     from gvsl.conventions import affine_to_flow
     from gvsl.network import affine_from_parameters, correlation_flow, fit_affine

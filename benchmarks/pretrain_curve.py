@@ -22,6 +22,7 @@ import argparse
 import json
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GVSLExtension"))
 import heatmaps  # noqa: E402
 import pretrain_data  # noqa: E402
 from common import markdown_table  # noqa: E402
-from gvsl.checkpoint import load_model  # noqa: E402
+from gvsl.checkpoint import average_weights, load_model  # noqa: E402
 from gvsl.match import default_checkpoint  # noqa: E402
 
 FOLDING_LIMIT = 0.005
@@ -64,6 +65,9 @@ def main(argv=None):
                         help="validation transform seeds (3 seeds = 15 pairs: one seed, 5 pairs, was too noisy to select on)")
     parser.add_argument("--queries", type=int, default=40)
     parser.add_argument("--every", type=int, default=1, help="evaluate every k-th periodic checkpoint")
+    parser.add_argument("--average", type=int, default=0, metavar="K",
+                        help="also evaluate, at each evaluated checkpoint, the weight average of it and the K-1 "
+                             "periodic checkpoints before it (gvsl export A B ... OUT), as candidates too")
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -92,11 +96,25 @@ def main(argv=None):
 
     shipped = load_model(default_checkpoint())
     record("shipped", 0, shipped)
-    periodic = sorted(args.run.glob("checkpoints/step_*.pt"), key=checkpoint_step)
-    periodic = periodic[args.every - 1::args.every]
+    every_periodic = sorted(args.run.glob("checkpoints/step_*.pt"), key=checkpoint_step)
+    periodic = every_periodic[args.every - 1::args.every]
     for path in periodic:
         record(path.name, checkpoint_step(path), load_model(path))
     candidates = [done[p.name] for p in periodic]
+    averaged = []
+    if args.average > 1:
+        with tempfile.TemporaryDirectory() as scratch:
+            for path in periodic:
+                end = every_periodic.index(path) + 1
+                if end < args.average:
+                    continue
+                window = every_periodic[end - args.average:end]
+                name = f"avg{args.average} {window[0].stem[5:].lstrip('0')}-{window[-1].stem[5:].lstrip('0')}"
+                if name not in done:
+                    average_weights(window, Path(scratch) / "average.pt")
+                    record(name, checkpoint_step(path), load_model(Path(scratch) / "average.pt"))
+                averaged.append(done[name])
+    candidates = candidates + averaged
     # The random network uses the trained run's grid, so only the weights differ.
     trained = load_model(periodic[-1]) if periodic else shipped
     record("random init", 0, heatmaps.random_model(trained))
@@ -112,19 +130,26 @@ def main(argv=None):
         best = max(eligible, key=lambda r: r["dice_network"])
         print(f"selected: {best['name']} (step {best['step']})")
 
-    if args.plot and candidates:
+    plain = [c for c in candidates if c not in averaged]
+    if args.plot and plain:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        steps = [r["step"] for r in candidates]
+        steps = [r["step"] for r in plain]
         fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
-        left.plot(steps, [r["dice_network"] for r in candidates], "o-", label="network alone")
-        left.axhline(candidates[0]["dice_before"], color="grey", ls="--", label="before")
+        left.plot(steps, [r["dice_network"] for r in plain], "o-", label="network alone")
+        if averaged:
+            left.plot([r["step"] for r in averaged], [r["dice_network"] for r in averaged], "s-",
+                      label=f"average of {args.average} checkpoints")
+        left.axhline(plain[0]["dice_before"], color="grey", ls="--", label="before")
         left.axhline(done["shipped"]["dice_network"], color="tab:red", ls=":", label="old shipped model")
         left.set_xlabel("step")
         left.set_ylabel("mean Dice, held-out slabs")
         left.legend(fontsize=8)
-        right.plot(steps, [r["heatmap_median_voxels"] for r in candidates], "o-", label="trained")
+        right.plot(steps, [r["heatmap_median_voxels"] for r in plain], "o-", label="trained")
+        if averaged:
+            right.plot([r["step"] for r in averaged], [r["heatmap_median_voxels"] for r in averaged], "s-",
+                       label=f"average of {args.average}")
         right.axhline(done["random init"]["heatmap_median_voxels"], color="grey", ls="--", label="random init")
         right.axhline(done["shipped"]["heatmap_median_voxels"], color="tab:red", ls=":", label="old shipped model")
         right.set_xlabel("step")

@@ -223,8 +223,55 @@ def export_weights(source, target) -> Path:
     if ckpt["format"] != FORMAT:
         raise CheckpointError(f"{source}: not one of our checkpoints")
     keep = ("format", "format_version", "kind", "model", "state_dict", "step", "config", "preprocessing",
-            "classes", "mode", "init", "best_val_dice")
+            "classes", "mode", "init", "best_val_dice", "averaged_from")
     return save_atomic({k: v for k, v in ckpt.items() if k in keep}, target, verify=True)
+
+
+def average_weights(sources, target) -> Path:
+    """One checkpoint whose floating-point weights are the mean of those of ``sources``
+    (checkpoints of one run, or of one architecture), without optimizer state.
+
+    Averaging the weights of checkpoints along one run (stochastic weight averaging, Izmailov
+    et al., UAI 2018) cancels part of the step-to-step noise of a constant learning rate; on
+    this project's held-out pairs it lowered the heatmap error of every averaged window (model
+    card). The step, config and preprocessing are those of the last source; ``averaged_from``
+    lists the sources. Integer buffers must agree and are copied."""
+    sources = [Path(s) for s in sources]
+    if len(sources) < 2:
+        raise CheckpointError("averaging needs at least two checkpoints")
+    keep = ("format", "format_version", "kind", "model", "step", "config", "preprocessing",
+            "classes", "mode", "init")
+    total = {}
+    reference = None
+    for path in sources:
+        ckpt = read_checkpoint(path)
+        if ckpt["format"] != FORMAT:
+            raise CheckpointError(f"{path}: not one of our checkpoints; only those can be averaged")
+        if reference is None:
+            reference = ckpt
+        elif (ckpt.get("kind"), ckpt.get("model")) != (reference.get("kind"), reference.get("model")):
+            raise CheckpointError(f"{path}: {ckpt.get('kind')} model {ckpt.get('model')} differs from "
+                                  f"{sources[0]}'s {reference.get('kind')} model {reference.get('model')}; "
+                                  "only checkpoints of one architecture can be averaged")
+        state = ckpt["state_dict"]
+        if set(state) != set(reference["state_dict"]):
+            missing = sorted(set(reference["state_dict"]) ^ set(state))[:3]
+            raise CheckpointError(f"{path}: its weights differ from {sources[0]}'s (e.g. {missing})")
+        for key, value in state.items():
+            if value.shape != reference["state_dict"][key].shape:
+                raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, "
+                                      f"{sources[0]} has {tuple(reference['state_dict'][key].shape)}")
+            if value.is_floating_point():
+                total[key] = total.get(key, 0) + value.double()
+            elif not torch.equal(value, reference["state_dict"][key]):
+                raise CheckpointError(f"{path}: the integer buffer {key} differs from {sources[0]}'s")
+        last = ckpt
+    averaged = {key: (total[key] / len(sources)).to(value.dtype) if key in total else value
+                for key, value in reference["state_dict"].items()}
+    out = {k: v for k, v in last.items() if k in keep}
+    out["state_dict"] = averaged
+    out["averaged_from"] = [str(path) for path in sources]
+    return save_atomic(out, target, verify=True)
 
 
 def load_model(path, device="cpu"):

@@ -182,8 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("web_args", nargs=argparse.REMAINDER, help="GVSLWeb's options (--data-root, --host, --token, ...)")
 
-    p = sub.add_parser("export", help="copy a checkpoint without its optimizer state (to share or ship)")
-    p.add_argument("source")
+    p = sub.add_parser("export", help="copy a checkpoint without its optimizer state (to share or ship); "
+                                      "several checkpoints of one run: their weights averaged")
+    p.add_argument("sources", nargs="+", metavar="source",
+                   help="one checkpoint, or several of one architecture whose weights are averaged "
+                        "(e.g. runs/r/checkpoints/step_00018*.pt step_00019*.pt)")
     p.add_argument("target")
 
     p = sub.add_parser("segment", help="segment a volume with a fine-tuned checkpoint")
@@ -275,8 +278,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .finetune import finetune_cli
             finetune_cli(args)
         elif args.command == "export":
-            from .checkpoint import export_weights
-            print(export_weights(args.source, args.target))
+            from .checkpoint import average_weights, export_weights
+            if len(args.sources) == 1:
+                print(export_weights(args.sources[0], args.target))
+            else:
+                print(average_weights(args.sources, args.target))
         elif args.command == "segment":
             from .segment import segment_cli
             segment_cli(args)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -33,14 +33,17 @@ import torch.nn.functional as F
 
 from .conventions import Grid, identity_voxel_grid, sample_at, sample_matrix, voxel_to_normalized, warp
 from .mapping import Mapping, lps_to_voxel_flow, voxel_flow_to_lps
+from .sampling import SlabVolume, sample_trilinear
 
 SIMILARITIES = ("lncc", "mind")
 
 
 @dataclass
 class RefineOptions:
-    """``iterations``: optimiser steps on the coarsest level; each finer level gets half of
-    the level above it (the affine stage uses the same count). 0 turns refinement off."""
+    """``iterations``: optimiser steps on the coarsest of ``levels`` levels; each finer level
+    gets half of the level above it (the affine stage uses the same counts), so the finest
+    level always gets ``iterations >> (levels - 1)`` steps, also where a small image has fewer
+    levels (``min_level_size``). 0 turns refinement off."""
 
     iterations: int = 80
     similarity: str = "lncc"
@@ -266,9 +269,11 @@ class LocalNCC:
         self.var_fixed = (box_filter(fixed * fixed, window) - self.mean_fixed ** 2).clamp_min(0)
 
     def __call__(self, warped: torch.Tensor) -> torch.Tensor:
-        mean_w = box_filter(warped, self.window)
-        cross = box_filter(warped * self.fixed, self.window) - mean_w * self.mean_fixed
-        var_w = (box_filter(warped * warped, self.window) - mean_w ** 2).clamp_min(0)
+        # One box filter over the three stacked channels: fewer passes than three filters.
+        sums = box_filter(torch.cat([warped, warped * self.fixed, warped * warped], dim=1), self.window)
+        mean_w, mean_wf, mean_ww = sums.split(warped.shape[1], dim=1)
+        cross = mean_wf - mean_w * self.mean_fixed
+        var_w = (mean_ww - mean_w ** 2).clamp_min(0)
         ncc2 = cross * cross / (var_w * self.var_fixed + self.epsilon)
         return 1.0 - (ncc2 * self.mask).sum() / self.mask.sum().clamp_min(1.0)
 
@@ -312,11 +317,12 @@ class Similarity:
         else:
             self.fixed, self.moving = fixed, moving
             self.lncc = LocalNCC(fixed, window, self.mask)
+        self.moving_slab = SlabVolume(self.moving, "zeros")  # laid out once, sampled every step
 
     def __call__(self, grid: torch.Tensor) -> torch.Tensor:
         """``grid`` (1, D, H, W, 3): grid_sample coordinates (x, y, z, normalised,
         align_corners=True) in the moving level volume of each fixed level voxel."""
-        warped = F.grid_sample(self.moving, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        warped = sample_trilinear(self.moving_slab, grid)
         if self.kind == "mind":
             per_voxel = ((warped - self.fixed) ** 2).mean(dim=1, keepdim=True)
             return (per_voxel * self.mask).sum() / self.mask.sum()
@@ -389,15 +395,32 @@ class _Level:
         ratio = np.asarray(self.control.spacing) / np.asarray(self.grid.spacing)
         self.control_to_level = torch.tensor(ratio[::-1].copy(), dtype=torch.float32, device=device).view(1, 3, 1, 1, 1)
 
+    def _sample_matrix(self, affine: torch.Tensor) -> torch.Tensor:
+        """4x4 float32: fixed level voxel (d, h, w) -> grid_sample (x, y, z) in the moving level volume."""
+        to_fixed = torch.from_numpy(self.grid.voxel_to_physical())
+        to_moving = torch.from_numpy(self.moving_grid.physical_to_voxel())
+        return (self.moving_voxel_to_sample @ to_moving @ affine @ to_fixed).float().to(self.device)
+
     def coords_for(self, affine: torch.Tensor, local_voxels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """grid_sample coordinates (1, D, H, W, 3) in the moving level volume of every
         fixed level voxel under ``affine`` (4x4 LPS, torch float64) and a local
         displacement in fixed level voxels (1, 3, D, H, W)."""
-        to_fixed = torch.from_numpy(self.grid.voxel_to_physical())
-        to_moving = torch.from_numpy(self.moving_grid.physical_to_voxel())
-        m = (self.moving_voxel_to_sample @ to_moving @ affine @ to_fixed).float().to(self.device)
+        m = self._sample_matrix(affine)
         p = self.index if local_voxels is None else self.index + local_voxels.permute(0, 2, 3, 4, 1)
         return p @ m[:3, :3].T + m[:3, 3]
+
+    def coords_for_control(self, affine: torch.Tensor, affine_coords: torch.Tensor,
+                           control_displacement: torch.Tensor) -> torch.Tensor:
+        """``coords_for(affine, self.upsample(control_displacement))`` with less work at full
+        resolution: trilinear upsampling commutes with a linear map of the channels, so the
+        3x3 part of the sample matrix (and the control-to-level scale) is applied on the control
+        grid, and the level only sees one upsample and one add to ``affine_coords``
+        (``coords_for(affine)``, computed once per level)."""
+        m = self._sample_matrix(affine)
+        mixing = m[:3, :3] * self.control_to_level.view(1, 3)
+        mapped = torch.einsum("ij,njdhw->nidhw", mixing, control_displacement)
+        up = F.interpolate(mapped, size=self.grid.shape, mode="trilinear", align_corners=True)
+        return affine_coords + up.permute(0, 2, 3, 4, 1)
 
     def upsample(self, control_displacement: torch.Tensor) -> torch.Tensor:
         """A displacement in control voxels -> level voxels on the level grid."""
@@ -405,9 +428,39 @@ class _Level:
         return up * self.control_to_level
 
 
-def warmed_up(optimiser: torch.optim.Optimizer, warmup: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """A linear ramp of every learning rate of ``optimiser`` over ``warmup`` steps."""
-    return torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: min(1.0, (step + 1) / max(1, warmup)))
+class WarmAdam:
+    """Adam (torch's own update, ``torch.optim.adam.adam``) over ``(tensor, learning rate)``
+    pairs, each rate ramped up linearly over the first ``warmup`` steps (the schedule of
+    ``LambdaLR(lambda step: min(1, (step + 1) / warmup))``).
+
+    Not ``torch.optim.Adam``: its ``step`` imports ``torch._dynamo`` (824 modules, 1.2 s) the
+    first time in a process, and every Match pair runs in a fresh process (measured: the first
+    refinement stage took 1.5 s instead of 0.45 s)."""
+
+    def __init__(self, groups: Sequence[Tuple[torch.Tensor, float]], warmup: int = 0,
+                 betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.groups = [(tensor, float(rate)) for tensor, rate in groups]
+        self.warmup, self.betas, self.eps = max(1, warmup), betas, eps
+        self.exp_avg = [torch.zeros_like(t) for t, _ in self.groups]
+        self.exp_avg_sq = [torch.zeros_like(t) for t, _ in self.groups]
+        self.steps = [torch.tensor(0.0) for _ in self.groups]
+        self.done = 0
+
+    def zero_grad(self):
+        for tensor, _ in self.groups:
+            tensor.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        from torch.optim.adam import adam
+        factor = min(1.0, (self.done + 1) / self.warmup)
+        for k, (tensor, rate) in enumerate(self.groups):
+            if tensor.grad is None:
+                continue
+            adam([tensor], [tensor.grad], [self.exp_avg[k]], [self.exp_avg_sq[k]], [], [self.steps[k]],
+                 amsgrad=False, beta1=self.betas[0], beta2=self.betas[1], lr=rate * factor, weight_decay=0.0,
+                 eps=self.eps, maximize=False)
+        self.done += 1
 
 
 def optimise_affine(level: _Level, affine: np.ndarray, steps: int, deadline: Callable[[], bool],
@@ -418,9 +471,7 @@ def optimise_affine(level: _Level, affine: np.ndarray, steps: int, deadline: Cal
     centre = torch.from_numpy(level.grid.physical_bounds_center())
     linear_delta = torch.zeros(3, 3, dtype=torch.float64, requires_grad=True)
     translation = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    optimiser = torch.optim.Adam([{"params": [linear_delta], "lr": 0.01},
-                                 {"params": [translation], "lr": 0.5 * float(min(level.grid.spacing))}])
-    schedule = warmed_up(optimiser, warmup)
+    optimiser = WarmAdam([(linear_delta, 0.01), (translation, 0.5 * float(min(level.grid.spacing)))], warmup)
     best = (float("inf"), affine)
     done = 0
     while True:
@@ -434,7 +485,6 @@ def optimise_affine(level: _Level, affine: np.ndarray, steps: int, deadline: Cal
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-        schedule.step()
         done += 1
     return best[1], best[0], done
 
@@ -445,8 +495,9 @@ def optimise_affine(level: _Level, affine: np.ndarray, steps: int, deadline: Cal
 def integrate_velocity(velocity: torch.Tensor, steps: int = 6) -> torch.Tensor:
     """Scaling and squaring of a stationary velocity field (N, 3, D, H, W) in voxels:
     the displacement of its exponential. Same result as MONAI's ``DVF2DDF`` with border
-    padding (tested); ~2x faster on the CPU because the steps run in grid_sample's own
-    normalised coordinates, with one identity grid, instead of rebuilding it per step."""
+    padding (tested); faster on the CPU because the steps run in grid_sample's own
+    normalised coordinates, with one identity grid, instead of rebuilding it per step, and
+    sample through :func:`gvsl.sampling.sample_trilinear` (the 2-D kernel)."""
     shape = velocity.shape[2:]
     to_normalized = torch.tensor([2.0 / max(n - 1, 1) for n in shape], dtype=velocity.dtype,
                                  device=velocity.device).view(1, 3, 1, 1, 1)
@@ -454,8 +505,7 @@ def integrate_velocity(velocity: torch.Tensor, steps: int = 6) -> torch.Tensor:
     displacement = velocity * to_normalized / (2 ** steps)  # (N, 3 = d, h, w) normalised
     for _ in range(steps):
         grid = identity + displacement.permute(0, 2, 3, 4, 1).flip(-1)
-        displacement = displacement + F.grid_sample(displacement, grid, mode="bilinear", padding_mode="border",
-                                                    align_corners=True)
+        displacement = displacement + sample_trilinear(displacement, grid, "border")
     return displacement / to_normalized
 
 
@@ -466,7 +516,9 @@ def squaring_steps(velocity: torch.Tensor, first_step_voxels: float = 0.5, at_le
     DARTEL's rule), where the small-deformation exponential is accurate and cannot fold.
     A fixed 6 spent half of a finest-level step integrating fields that needed 3 or 4
     (profiled)."""
-    largest = float(velocity.detach().norm(dim=1).max()) if velocity.numel() else 0.0
+    # The squared sum, not Tensor.norm(dim=1): the channel-axis norm took 12 ms on a finest
+    # control grid, 8 % of a step (profiled), the squared sum 0.2 ms.
+    largest = float((velocity.detach() ** 2).sum(dim=1).amax()) ** 0.5 if velocity.numel() else 0.0
     if largest <= first_step_voxels:
         return at_least
     return int(min(at_most, max(at_least, np.ceil(np.log2(largest / first_step_voxels)))))
@@ -538,6 +590,15 @@ def refine_mapping(fixed: sitk.Image, moving: sitk.Image, start: Mapping, option
         return False
 
     spacings = level_spacings(fixed, options, finest_spacing_mm)
+    # Levels dropped for size are the coarsest ones: the finest keeps its share of the steps.
+    # Counted from the coarsest, a 2 mm brain (two levels) got twice that: 40 full-resolution
+    # steps, three quarters of its refinement time, for a Dice at most 0.005 higher
+    # (benchmarks/results/registration_cpu_issue19c.txt against issue19d.txt).
+    dropped = max(0, options.levels - len(spacings))
+
+    def steps_on(k: int) -> int:
+        return max(5, options.iterations >> (dropped + k))
+
     # A fine scan (a 512^2 x 600 CT) is smoothed and reduced once to the finest level's
     # spacing; every level is then built from that, not from the full volume.
     fixed = _reduced(fixed, spacings[-1])
@@ -583,7 +644,7 @@ def refine_mapping(fixed: sitk.Image, moving: sitk.Image, start: Mapping, option
 
     # 2. Affine on the coarse levels (the finest adds little for its cost).
     for k in range(max(1, len(spacings) - 1)):
-        steps = max(5, options.iterations >> k)
+        steps = steps_on(k)
         t_stage = time.perf_counter()
         affine, loss, done = optimise_affine(level(k), affine, steps, out_of_time,
                                              Plateau(options.tolerance, options.patience, options.warmup + options.patience),
@@ -618,22 +679,25 @@ def refine_mapping(fixed: sitk.Image, moving: sitk.Image, start: Mapping, option
             velocity = _resample_voxel_field(carried, previous.control, lvl.control)
         velocity.requires_grad_(True)
         spacing_dhw = torch.tensor(lvl.control.spacing[::-1], dtype=torch.float32, device=device)
-        optimiser = torch.optim.Adam([velocity], lr=options.learning_rate)
-        schedule = warmed_up(optimiser, options.warmup)
-        steps = max(5, options.iterations >> k)
+        optimiser = WarmAdam([(velocity, options.learning_rate)], options.warmup)
+        steps = steps_on(k)
         done, loss_value = 0, None  # None, not NaN: metrics.json is strict JSON
         plateau = Plateau(options.tolerance, options.patience, options.warmup + options.patience)
+        affine_coords = lvl.coords_for(affine_t) if w0 is None else None
         for _ in range(steps):
             if out_of_time():
                 break
             smooth = smooth_velocity(velocity, options.velocity_smoothing)
-            local = _compose(lvl.upsample(integrate_velocity(smooth, squaring_steps(smooth))), w0)
-            loss_similarity = lvl.similarity(lvl.coords_for(affine_t, local))
+            displacement = integrate_velocity(smooth, squaring_steps(smooth))
+            if w0 is None:
+                coords = lvl.coords_for_control(affine_t, affine_coords, displacement)
+            else:
+                coords = lvl.coords_for(affine_t, _compose(lvl.upsample(displacement), w0))
+            loss_similarity = lvl.similarity(coords)
             loss = loss_similarity + options.smoothness * _diffusion(smooth, spacing_dhw)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            schedule.step()
             done += 1
             loss_value = float(loss_similarity.detach())
             if plateau.converged(float(loss.detach())):
