@@ -73,19 +73,23 @@ def main(argv=None):
 
     pairs = pretrain_data.validation_pairs(seeds=tuple(int(s) for s in args.seeds.split(",")))
     out = args.run / "validation.jsonl"
+    settings = {"seeds": args.seeds, "queries": args.queries}
     done = {}
     if out.exists():
         for line in out.read_text().splitlines():
             try:
                 row = json.loads(line)
-                done[row["name"]] = row
             except json.JSONDecodeError:
                 continue
+            # A row measured on other validation pairs (another --seeds) is not comparable: measure again.
+            # Rows written before the settings were recorded are matched on their pair count.
+            if row.get("settings", settings) == settings and row.get("pairs") == len(pairs):
+                done[row["name"]] = row
 
     def record(name, step, model):
         if name in done:
             return done[name]
-        row = {"name": name, "step": step, **score(model, pairs, args.queries)}
+        row = {"name": name, "step": step, "settings": settings, **score(model, pairs, args.queries)}
         with open(out, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
         done[name] = row
