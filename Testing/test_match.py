@@ -481,3 +481,28 @@ def test_refinement_on_the_foreground_box_gives_the_whole_field_answer():
     assert np.median(error[12.0]) < 1.0
     # At least as good as optimising over the whole field of view (here better: 0.9 vs 1.7 mm mean).
     assert error[12.0].mean() <= error[None].mean() + 0.25
+
+
+def test_refinement_without_the_network_start_ignores_its_affine_and_field():
+    """network_start=False (the benchmark's no-network baseline): a start far off is not a
+    candidate and its local field is not carried; the geometric starts still find the shift."""
+    from gvsl.conventions import Grid
+    from gvsl.mapping import Mapping
+    from gvsl.refine import RefineOptions, refine_mapping
+    fixed = _normalised_phantom_in_a_wide_field()
+    moving = _normalised_phantom_in_a_wide_field(shift_mm=(4.0, -3.0, 2.0))
+    far = np.eye(4)
+    far[:3, 3] = (40.0, 0.0, 0.0)
+    grid = Grid.of(fixed).coarsened(8 ** 3)
+    field = torch.full((1, 3, *grid.shape), 5.0)
+    start = Mapping(far, field, grid)
+    used = {}
+    for network_start in (True, False):
+        options = RefineOptions(iterations=30, levels=2, network_start=network_start)
+        mapping, report = refine_mapping(fixed, moving, start, options)
+        used[network_start] = report
+    assert "network" in used[True].start_losses
+    assert "network" not in used[False].start_losses and used[False].local_start == "none"
+    inside = _interior_points(fixed, 100, 3, margin=22)
+    error = np.linalg.norm(mapping.map_points(inside) - (inside - np.array([4.0, -3.0, 2.0])), axis=1)
+    assert np.median(error) < 1.0

@@ -492,3 +492,34 @@ def test_a_thin_moving_volume_is_blamed_not_the_fixed_one(volumes, tiny_checkpoi
     line = error_line(err)
     assert f"error: {tmp_path / 'thin.nii.gz'}: spans 6.4 x 6.4 x 400.0 mm, so the working grid" in line, line
     assert "check " + str(tmp_path / "thin.nii.gz") + "'s spacing" in line
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_parallel_gzip_nifti_is_one_gzip_member_that_every_reader_reads(tmp_path, monkeypatch, threads):
+    """write_nifti_gz deflates chunks on threads: the file is still one gzip member (Python's
+    gzip, SimpleITK and the trailer check of nifti_shortfall agree), and cutting it is caught."""
+    import gzip
+    import struct
+    from gvsl import safe_io
+    from gvsl.data import nifti_shortfall
+
+    monkeypatch.setattr(safe_io, "GZIP_CHUNK_BYTES", 1 << 14)  # many chunks on a small volume
+    rng = np.random.default_rng(4)
+    array = np.cumsum(rng.standard_normal((20, 30, 40)), axis=2).astype(np.float32)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.7, 0.8, 1.5))
+    path = tmp_path / "v.nii.gz"
+    safe_io.write_nifti_gz(image, path, threads=threads)
+    plain = tmp_path / "plain.nii"
+    sitk.WriteImage(image, str(plain))
+    raw = path.read_bytes()
+    assert gzip.decompress(raw) == plain.read_bytes()
+    assert struct.unpack("<I", raw[-4:])[0] == plain.stat().st_size
+    back = sitk.ReadImage(str(path))
+    assert np.array_equal(sitk.GetArrayViewFromImage(back), array)
+    assert back.GetSpacing() == pytest.approx((0.7, 0.8, 1.5))
+    assert nifti_shortfall(str(path), require_header=True) is None
+    assert not list(tmp_path.glob("*.plain.nii"))
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(raw[: len(raw) // 2])
+    assert nifti_shortfall(str(cut), require_header=True) is not None

@@ -41,3 +41,87 @@ def test_bad_input_is_refused():
         SlabVolume(torch.rand(1, 4, 4, 4))
     with pytest.raises(ValueError, match="padding_mode"):
         SlabVolume(torch.rand(1, 1, 4, 4, 4), "reflection")
+
+
+# ---- gvsl.mapping.resample_separable: three 1-D interpolations for grids with the same axes
+import numpy as np  # noqa: E402
+
+from gvsl.conventions import sample_matrix  # noqa: E402
+from gvsl.mapping import Slab, axis_permutation, resample_separable  # noqa: E402
+
+
+def _voxel_map(axes, scales, offsets):
+    matrix = np.eye(4)
+    matrix[:3, :3] = 0.0
+    for source_axis, (axis, scale, offset) in enumerate(zip(axes, scales, offsets)):
+        matrix[source_axis, axis] = scale
+        matrix[source_axis, 3] = offset
+    return matrix
+
+
+@pytest.mark.parametrize("axes,scales,offsets", [
+    ((0, 1, 2), (0.31, 0.27, 0.4), (-1.3, 2.0, 0.5)),      # upsampling, partly beyond the border
+    ((2, 0, 1), (0.3, -0.45, 0.2), (1.0, 9.0, -0.7)),      # permuted axes with a flip
+    ((1, 2, 0), (-0.5, 1.7, 0.25), (10.0, -3.0, 0.0)),     # downsampling along one axis
+])
+@pytest.mark.parametrize("shape", [(7, 9, 11), (1, 6, 5)])
+@pytest.mark.parametrize("dense_max", [256, 0])  # matrix product, and the gather for large axes
+def test_separable_resampling_equals_grid_sample_with_border_padding(axes, scales, offsets, shape, dense_max,
+                                                                     monkeypatch):
+    from gvsl import mapping as mapping_module
+    monkeypatch.setattr(mapping_module, "DENSE_INTERPOLATION_MAX_SIZE", dense_max)
+    torch.manual_seed(2)
+    volume = torch.randn(1, 3, *shape)
+    to_source = _voxel_map(axes, scales, offsets)
+    slab = Slab(3, 10, 20, 17)
+    ours = resample_separable(volume, to_source, slab)
+    expected = F.grid_sample(volume, slab.apply(sample_matrix(shape) @ to_source), mode="bilinear",
+                             padding_mode="border", align_corners=True)
+    assert ours.shape == expected.shape == (1, 3, 7, 20, 17)
+    assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def test_an_oblique_map_is_not_separable():
+    rotation = np.eye(4)
+    angle = np.deg2rad(10)
+    rotation[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    assert axis_permutation(rotation) is None
+    assert resample_separable(torch.zeros(1, 3, 4, 4, 4), rotation, Slab(0, 2, 3, 3)) is None
+    assert axis_permutation(np.diag([300.0, 2.0, 0.5, 1.0])) == (0, 1, 2)
+
+
+def test_mapping_exports_through_the_separable_path_equal_the_grid_sample_path(monkeypatch):
+    """warp_slabs / displacement_slabs / jacobian_slabs on an output grid with the local
+    grid's axes (the fast path) equal the same exports with the fast path switched off."""
+    from gvsl import mapping as mapping_module
+    from gvsl.conventions import Grid
+    from gvsl.mapping import Mapping
+
+    torch.manual_seed(3)
+    local_grid = Grid((-20.0, 10.0, 5.0), (4.0, 3.5, 5.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (9, 8, 7))
+    output_grid = Grid((-22.0, 8.0, 3.0), (1.1, 0.9, 1.7), (1, 0, 0, 0, 1, 0, 0, 0, 1), (33, 30, 21))
+    affine = np.eye(4)
+    affine[:3, :3] += 0.02 * np.random.default_rng(0).standard_normal((3, 3))
+    affine[:3, 3] = (1.5, -2.0, 0.7)
+    mapping = Mapping(affine, F.avg_pool3d(torch.randn(1, 3, 7, 8, 9) * 6, 3, 1, 1), local_grid)
+    moving = torch.rand(1, 1, 25, 28, 30)
+    moving_grid = Grid((-25.0, 5.0, 0.0), (1.3, 1.2, 1.4), (1, 0, 0, 0, 1, 0, 0, 0, 1), (30, 28, 25))
+
+    def exports():
+        warped = torch.cat([v for _, _, v in mapping.warp_slabs(output_grid, moving, moving_grid, -1.0,
+                                                                 slab_voxels=2000)])
+        shift = torch.cat([u for _, _, u in mapping.displacement_slabs(output_grid, slab_voxels=2000)])
+        det = torch.cat([j for _, _, j in mapping.jacobian_slabs(output_grid, slab_voxels=2000)])
+        return warped, shift, det
+
+    calls = []
+    original = mapping_module.resample_separable
+    monkeypatch.setattr(mapping_module, "resample_separable",
+                        lambda *a: calls.append(1) or original(*a))
+    fast = exports()
+    assert calls, "the axis-aligned export did not take the separable path"
+    monkeypatch.setattr(mapping_module, "resample_separable", lambda *a: None)
+    slow = exports()
+    for ours, expected in zip(fast, slow):
+        assert ours.shape == expected.shape
+        assert torch.allclose(ours, expected, atol=2e-4)

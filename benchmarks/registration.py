@@ -197,7 +197,9 @@ def main(argv=None):
             key, _, value = item.partition("=")
             if key not in kinds:
                 parser.error(f"--refine-option {item}: no such field ({', '.join(kinds)})")
-            overrides[key] = int(value) if kinds[key] in ("int", int) else float(value)
+            kind = kinds[key]
+            overrides[key] = (int(value) if kind in ("int", int) else
+                              value.lower() in ("1", "true", "yes") if kind in ("bool", bool) else float(value))
         # match_pair imports RefineOptions from gvsl.refine when it runs, so this takes effect there.
         gvsl.refine.RefineOptions = functools.partial(original, **overrides)
         print(f"refine options changed: {overrides}", flush=True)

@@ -399,32 +399,63 @@ def check_image(image: sitk.Image, name: str = "<image>") -> sitk.Image:
     return image
 
 
+# Percentiles of a large volume come from an evenly strided sample of this many voxels: the
+# 0.5-99.5 and 1 % points move by far less than a grey level, and a 512x512x600 CT is not
+# sorted in full (2 s of a Match pair).
+PERCENTILE_SAMPLE_VOXELS = 1 << 22
+
+
+def _percentile_sample(array: np.ndarray) -> np.ndarray:
+    flat = array.reshape(-1)
+    stride = max(1, flat.size // PERCENTILE_SAMPLE_VOXELS)
+    return flat[::stride]
+
+
 def resolve_preset(array: np.ndarray, preset: str) -> str:
     if preset not in PRESETS:
         raise ValueError(f"unknown intensity preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if preset != "auto":
         return preset
     # CT is stored in Hounsfield units: air at about -1000.
-    return "ct" if float(np.percentile(array, 1)) < -500 else "mr"
+    return "ct" if float(np.percentile(_percentile_sample(array), 1)) < -500 else "mr"
 
 
 def normalize_intensity(array: np.ndarray, preset: str) -> Tuple[np.ndarray, str]:
     """Map intensities to [0, 1]: ``ct`` clips HU to [-1024, 1024]; ``mr`` maps the
     0.5-99.5 percentiles. Returns (float32 array, the preset used)."""
     preset = resolve_preset(array, preset)
-    array = array.astype(np.float32)
+    out = np.array(array, dtype=np.float32, copy=True)
+    # In place: a full-size CT is 0.6 GB per temporary.
     if preset == "ct":
-        out = (np.clip(array, -1024.0, 1024.0) + 1024.0) / 2048.0
+        np.clip(out, -1024.0, 1024.0, out=out)
+        out += 1024.0
+        out *= 1.0 / 2048.0
     else:
-        low, high = np.percentile(array, [0.5, 99.5])
-        out = np.clip((array - low) / max(high - low, 1e-6), 0.0, 1.0)
-    return out.astype(np.float32), preset
+        low, high = np.percentile(_percentile_sample(out), [0.5, 99.5])
+        out -= np.float32(low)
+        out *= np.float32(1.0 / max(high - low, 1e-6))
+        np.clip(out, 0.0, 1.0, out=out)
+    return out, preset
+
+
+def intensity_window(array: np.ndarray, preset: str) -> Tuple[float, float, str]:
+    """The (low, high) input range that :func:`normalize_intensity` maps to [0, 1], and the
+    preset used."""
+    preset = resolve_preset(array, preset)
+    if preset == "ct":
+        return -1024.0, 1024.0, preset
+    low, high = np.percentile(_percentile_sample(array), [0.5, 99.5])
+    return float(low), float(max(high, low + 1e-6)), preset
 
 
 def normalized_image(image: sitk.Image, preset: str) -> Tuple[sitk.Image, str]:
-    array, used = normalize_intensity(sitk.GetArrayViewFromImage(image), preset)
-    out = sitk.GetImageFromArray(array)
-    out.CopyInformation(image)
+    """:func:`normalize_intensity` of a SimpleITK image, as a float32 image on its grid. ITK's
+    one-pass, multi-threaded window filter does it without the numpy round trip (two 0.6 GB
+    copies of a 512x512x600 CT)."""
+    low, high, used = intensity_window(sitk.GetArrayViewFromImage(image), preset)
+    if image.GetPixelID() != sitk.sitkFloat32:
+        image = sitk.Cast(image, sitk.sitkFloat32)
+    out = sitk.IntensityWindowing(image, windowMinimum=low, windowMaximum=high, outputMinimum=0.0, outputMaximum=1.0)
     return out, used
 
 

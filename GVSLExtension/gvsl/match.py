@@ -54,8 +54,10 @@ PANEL_IMAGE_FILES = {"warped": "warped.nrrd", "jacobian": "jacobian.nrrd"}
 def _as_image(image: ImageLike, name: str) -> sitk.Image:
     if isinstance(image, sitk.Image):
         from .data import check_image
-        return check_image(sitk.Cast(image, sitk.sitkFloat32), name)
-    return sitk.Cast(read_image(image), sitk.sitkFloat32)
+        image = check_image(image, name)
+    else:
+        image = read_image(image)
+    return image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
 
 
 def default_checkpoint() -> Path:
@@ -469,11 +471,15 @@ def displacement_image(mapping: Mapping, grid: Grid) -> sitk.Image:
 def warped_image(mapping: Mapping, moving: sitk.Image, fixed: sitk.Image) -> sitk.Image:
     """The moving image sampled (trilinear, in torch) on the fixed image's own grid;
     outside the moving image reads as its minimum (background)."""
-    moving_t = torch.from_numpy(sitk.GetArrayFromImage(moving).astype(np.float32))[None, None]
-    background = float(moving_t.min())
+    view = sitk.GetArrayViewFromImage(moving)
+    background = float(view.min())
+    # Shifted so that background is 0 (what zeros padding reads outside), in one pass over
+    # the view: no float32 copy of the moving image on top (0.6 GB for a 512x512x600 CT).
+    shifted = torch.from_numpy(np.subtract(view, background, dtype=np.float32))[None, None]
     grid = Grid.of(fixed)
-    image = sitk.GetImageFromArray(_assemble(mapping.warp_slabs(grid, moving_t, Grid.of(moving), background),
-                                             grid.shape))
+    warped = _assemble(mapping.warp_slabs(grid, shifted, Grid.of(moving)), grid.shape)
+    warped += np.float32(background)
+    image = sitk.GetImageFromArray(warped)
     image.CopyInformation(fixed)
     return image
 

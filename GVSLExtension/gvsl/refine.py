@@ -71,6 +71,9 @@ class RefineOptions:
     # gradient's size, which undid much of the carried field at the start of every level
     # (the loss rose for ~20 steps); the rate ramps up linearly over these steps instead.
     warmup: int = 10
+    # False: ignore the start's affine and local field (start from the geometric candidates
+    # alone), to measure what the network's start saves (benchmarks/registration.py).
+    network_start: bool = True
 
 
 @dataclass
@@ -621,7 +624,7 @@ def refine_mapping(fixed: sitk.Image, moving: sitk.Image, start: Mapping, option
     fixed_com = _centre_of_mass(coarse.fixed_volume.cpu(), coarse.grid)
     moving_com = _centre_of_mass(coarse.moving_volume.cpu(), coarse.moving_grid)
     candidates = {
-        "network": start.affine,
+        **({"network": start.affine} if options.network_start else {}),
         "centre of mass": _translation(moving_com - fixed_com),
         "image centres": _translation(Grid.of(moving).physical_bounds_center()
                                       - Grid.of(fixed_whole).physical_bounds_center()),
@@ -657,7 +660,7 @@ def refine_mapping(fixed: sitk.Image, moving: sitk.Image, start: Mapping, option
 
     # The network's local field is kept only if it starts better than none.
     first = level(0)
-    start_local = _start_local_voxels(start, first.grid, device)
+    start_local = _start_local_voxels(start, first.grid, device) if options.network_start else None
     with torch.no_grad():
         loss_without = float(first.similarity(first.coords_for(affine_t)))
         loss_with = (float(first.similarity(first.coords_for(affine_t, start_local)))

