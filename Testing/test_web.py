@@ -176,6 +176,66 @@ def test_upload_then_pretrain_with_loss_curve_and_use_the_model_in_the_browser(s
     assert np.array_equal(sitk.GetArrayViewFromImage(uploaded), sitk.GetArrayViewFromImage(original))
 
 
+def test_finetune_from_the_page_with_its_curve_and_no_match_pair_offer(server, pair_root):
+    """Fine-tuning clicked through: the Fine-tune toggle shows the label fields, a refusal names
+    the missing class names, a 4-step run draws its curve and ends with its checkpoint, and a
+    segmentation model is not offered for Match pair."""
+    from gvsl.checkpoint import read_checkpoint
+    from gvsl.samples import synthetic_volume
+    url, tmp_path = server
+    for folder in ("images", "labels"):
+        (pair_root / "seg" / folder).mkdir(parents=True)
+    for seed in range(3):
+        image, labels = synthetic_volume(size=(24, 24, 20), spacing=(1.5, 1.5, 1.5), seed=30 + seed, n_blobs=6)
+        sitk.WriteImage(image, str(pair_root / "seg" / "images" / f"case{seed}.nii.gz"))
+        sitk.WriteImage(labels, str(pair_root / "seg" / "labels" / f"case{seed}.nii.gz"))
+    classes = ",".join(f"c{k}" for k in range(1, int(sitk.GetArrayFromImage(labels).max()) + 1))
+    with playwright_sync.sync_playwright() as p:
+        browser, page = open_browser(p)
+        page.goto(url)
+        assert not page.locator("#gvsl-train-labels").is_visible()  # pre-training needs no labels
+        page.locator("#gvsl-train-kind-finetune").click()
+        page.locator("#gvsl-train-labels").wait_for(state="visible", timeout=30_000)
+        for element, value in (("data", "seg/images"), ("labels", "seg/labels"), ("run", "web-ft"),
+                               ("iters", "4"), ("patch", "16"), ("width", "0.25"), ("spacing", "1.5")):
+            page.locator(f"#gvsl-train-{element}").fill(value)
+        page.locator("#gvsl-train-start").click()
+        page.locator("#gvsl-error").wait_for(timeout=30_000)
+        assert "class names" in page.locator("#gvsl-error").inner_text()
+
+        page.locator("#gvsl-train-classes").fill(classes)
+        page.locator("#gvsl-train-start").click()
+        page.get_by_text("done: 4 steps").wait_for(timeout=300_000)
+        curve = page.locator("#gvsl-train-curve polyline").get_attribute("points")
+        use_offered = page.locator("#gvsl-train-use").is_visible()
+        shot(page, "web_5_finetuned")
+        browser.close()
+    assert len(curve.split()) == 4
+    assert not use_offered  # a segmentation model is not a Match pair model
+    run = tmp_path / "work" / "runs" / "web-ft" / "checkpoints"
+    saved = sorted(path.name for path in run.glob("*.pt"))
+    assert "last.pt" in saved and read_checkpoint(run / "last.pt")["step"] == 4
+
+
+def test_a_second_tab_is_told_that_it_shares_the_session(server):
+    """trame keeps one state per server: a second tab gets a warning saying so, and it goes once
+    the other tab is closed."""
+    url, _ = server
+    with playwright_sync.sync_playwright() as p:
+        browser, first = open_browser(p)
+        first.goto(url)
+        first.locator("#gvsl-match").wait_for(timeout=60_000)
+        assert not first.locator("#gvsl-shared").is_visible()
+        second = browser.new_page()
+        second.goto(url)
+        second.locator("#gvsl-shared").wait_for(timeout=30_000)
+        assert "2 browser tabs" in second.locator("#gvsl-shared").inner_text()
+        first.locator("#gvsl-shared").wait_for(timeout=30_000)  # the same state: both tabs see it
+        second.close(run_before_unload=True)
+        first.locator("#gvsl-shared").wait_for(state="detached", timeout=30_000)
+        browser.close()
+
+
 def test_a_server_with_a_token_only_serves_a_browser_that_has_it(tmp_path, pair_root, tiny_checkpoint):
     process, url = start_server(tmp_path, pair_root, tiny_checkpoint, "--token", "s3cret-token")
     try:

@@ -20,6 +20,7 @@ vsync. Run on an idle machine (no training, no tests)::
 
     apt-get install chromium && pip install -e ".[web]"
     python benchmarks/web_latency.py --size 256 [--clicks 5] [--out benchmarks/results/web_latency_cpu.txt]
+    python benchmarks/web_latency.py --sample --screenshots Resources/Screenshots/web_sample   # a real CT
 """
 from __future__ import annotations
 
@@ -125,13 +126,26 @@ def main(argv=None):
     parser.add_argument("--checkpoint", default=None, help="model (default: the shipped one)")
     parser.add_argument("--chromium", default=os.environ.get("GVSL_CHROMIUM") or shutil.which("chromium"))
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--sample", action="store_true",
+                        help="open the bundled sample pair (the chest CT and its deformed twin) with the page's "
+                             "Open sample pair instead of the synthetic --size pair")
+    parser.add_argument("--screenshots", type=Path, default=None,
+                        help="save the page here after Match pair and after the first and last clicks")
     args = parser.parse_args(argv)
     if not args.chromium:
         parser.error("no chromium found: apt-get install chromium (or --chromium PATH)")
     from playwright.sync_api import sync_playwright
 
     work = Path(tempfile.mkdtemp(prefix="gvsl-web-bench-"))
-    write_pair(work / "data", args.size)
+    (work / "data").mkdir(parents=True)
+    if not args.sample:
+        write_pair(work / "data", args.size)
+    pair_name = "sample pair (chest CT)" if args.sample else f"{args.size}^3"
+
+    def screenshot(page, name):
+        if args.screenshots:
+            args.screenshots.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(args.screenshots / f"{name}.png"))
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "GVSLModule"), str(REPO / "GVSLExtension"),
                                                        os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
@@ -163,11 +177,17 @@ def main(argv=None):
             rows.append(("page load -> first frame", f"{page.evaluate('window.__gvslFrames[0]') / 1000:.2f}"))
 
             t = time.monotonic()
-            for role in ("fixed", "moving"):
-                page.locator(f"#gvsl-{role}-path").fill(f"{role}.nrrd")
-                page.locator(f"#gvsl-{role}-open").click()
-            page.get_by_text("Moving: moving").wait_for(timeout=300_000)
-            rows.append((f"open pair ({args.size}^3, two clicks) -> names shown", f"{time.monotonic() - t:.2f}"))
+            if args.sample:
+                page.locator("#gvsl-sample").click()
+                # The names read "-" until a volume is open.
+                page.wait_for_function("() => /Moving: [^-\\s]/.test(document.body.innerText)", timeout=300_000)
+            else:
+                for role in ("fixed", "moving"):
+                    page.locator(f"#gvsl-{role}-path").fill(f"{role}.nrrd")
+                    page.locator(f"#gvsl-{role}-open").click()
+                page.get_by_text("Moving: moving").wait_for(timeout=300_000)
+            rows.append((f"open pair ({pair_name}{'' if args.sample else ', two clicks'}) -> names shown",
+                         f"{time.monotonic() - t:.2f}"))
             remember("pair opened")
 
             peak = ChildPeak(server.pid)
@@ -179,6 +199,7 @@ def main(argv=None):
             peak.running = False
             peak.join()
             remember("matched + imported")
+            screenshot(page, "web_matched")
 
             views = page.locator("img, canvas")
             boxes = [b for b in (views.nth(i).bounding_box() for i in range(views.count())) if b and b["width"] > 100]
@@ -205,6 +226,9 @@ def main(argv=None):
                                        timeout=30_000, polling=10)
                 frame = page.evaluate("([t]) => window.__gvslFrames.find(f => f > t)", [shown])
                 latencies.append(((shown - clicked) / 1000, (frame - clicked) / 1000))
+                if k in (0, args.clicks - 1):
+                    page.wait_for_timeout(500)  # the other view's frame too
+                    screenshot(page, f"web_heatmap_click{k + 1}")
             remember("after heatmap clicks")
             browser.close()
         first_text, first_frame = latencies[0]
@@ -223,7 +247,7 @@ def main(argv=None):
     memory_table = markdown_table(["server after", "RSS MiB", "peak MiB"],
                                   [(stage, f"{m['VmRSS']:.0f}", f"{m['VmHWM']:.0f}") for stage, m in memory]
                                   + [("Match pair child (peak)", "", f"{peak.peak_mib:.0f}")])
-    text = (f"# web_latency.py --size {args.size} --clicks {args.clicks} ({machine}, "
+    text = (f"# web_latency.py {'--sample' if args.sample else f'--size {args.size}'} --clicks {args.clicks} ({machine}, "
             f"{time.strftime('%Y-%m-%d')})\n\n{table}\n\n{memory_table}\n")
     print(text)
     if args.out:

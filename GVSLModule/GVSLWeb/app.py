@@ -28,6 +28,7 @@ from trame.app import TrameApp  # noqa: E402
 from trame.app.file_upload import ClientFile  # noqa: E402
 from trame.decorators import change  # noqa: E402
 from trame.widgets import html  # noqa: E402
+from wslink.websocket import LinkProtocol  # noqa: E402
 from trame.widgets import vuetify3 as v3  # noqa: E402
 from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout  # noqa: E402
 
@@ -50,6 +51,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class ConnectionCounter(LinkProtocol):
+    """Counts the server's open websocket connections (one per browser tab) and reports each change."""
+
+    def __init__(self, on_change):
+        super().__init__()
+        self.clients, self.on_change = set(), on_change
+
+    def onConnect(self, request, client_id):
+        self.clients.add(client_id)
+        self.on_change(len(self.clients))
+
+    def onClose(self, client_id):
+        self.clients.discard(client_id)
+        self.on_change(len(self.clients))
+
+
 class GVSLWebApp(TrameApp):
     def __init__(self, server=None, data_root=None, work_dir=None, checkpoint=None, device="auto"):
         super().__init__(server)
@@ -70,6 +87,11 @@ class GVSLWebApp(TrameApp):
         self._train_task = None
         self._last_query = None
         self._init_state()
+        # trame keeps one state for every browser tab of a server: say so while a second one is
+        # connected (its clicks drive the same session), counted by open websockets, so a tab
+        # that was killed without "beforeunload" counts out too.
+        self._connections = ConnectionCounter(self._show_client_count)
+        self.server.add_protocol_to_configure(lambda protocol: protocol.registerLinkProtocol(self._connections))
         self._build_ui()
 
     # ------------------------------------------------------------------ state
@@ -85,7 +107,12 @@ class GVSLWebApp(TrameApp):
                   "train_run": "run1", "train_iters": 1000, "train_patch": 64, "train_width": 0.25,
                   "train_spacing": 3.0, "train_init": "", "train_state": "idle", "train_progress": 0,
                   "train_message": "", "train_curve_svg": "", "train_checkpoint": "",
-                  "match_model": str(self.session.checkpoint or "the shipped model")})
+                  "match_model": str(self.session.checkpoint or "the shipped model"), "clients": 0})
+
+    def _show_client_count(self, count: int):
+        # Connections open and close outside trame's state context: "with" pushes the change.
+        with self.state:
+            self.state.clients = count
 
     def _fail(self, error: Exception):
         self.state.error = str(error)
@@ -317,6 +344,11 @@ class GVSLWebApp(TrameApp):
                 with v3.VContainer(classes="pa-2"):
                     v3.VAlert(v_if=("error",), text=("error",), type="error", density="compact",
                               closable=True, id="gvsl-error", classes="mb-2")
+                    v3.VAlert(v_if=("clients > 1",), type="warning", density="compact", id="gvsl-shared",
+                              classes="mb-2",
+                              text=("`${clients} browser tabs are connected to this server and share one "
+                                    "session: the same volumes, Match pair and training. For a second user, "
+                                    "start another gvsl web (another --port).`",))
                     html.Div("Data folder: {{ data_root || '(none: upload or use the sample pair)' }}",
                              classes="text-caption mb-2")
                     for role in ("fixed", "moving"):
