@@ -125,3 +125,42 @@ def test_mapping_exports_through_the_separable_path_equal_the_grid_sample_path(m
     for ours, expected in zip(fast, slow):
         assert ours.shape == expected.shape
         assert torch.allclose(ours, expected, atol=2e-4)
+
+
+@pytest.mark.parametrize("dims, channels", [(2, 1), (2, 3), (3, 1), (3, 2)])
+def test_parallel_grid_sample_equals_grid_sample_values_and_gradients(dims, channels, monkeypatch):
+    """The points split over batch entries (one per thread), an uneven split included."""
+    from gvsl import sampling
+    monkeypatch.setattr(sampling, "PARALLEL_MIN_POINTS", 1)
+    torch.set_num_threads(max(2, torch.get_num_threads()))
+    torch.manual_seed(5)
+    volume = torch.rand(1, channels, *((7, 9, 11) if dims == 3 else (9, 11)), dtype=torch.float64,
+                        requires_grad=True)
+    grid = (torch.rand(1, *((5, 7, 3) if dims == 3 else (7, 13)), dims, dtype=torch.float64) * 2.4 - 1.2)
+    grid.requires_grad_(True)
+    for padding_mode in ("zeros", "border"):
+        options = dict(mode="bilinear", padding_mode=padding_mode, align_corners=True)
+        expected = F.grid_sample(volume, grid, **options)
+        ours = sampling.grid_sample_parallel(volume, grid, **options)
+        assert ours.shape == expected.shape
+        assert torch.allclose(ours, expected, atol=1e-12)
+        weights = torch.rand_like(expected)
+        expected_grads = torch.autograd.grad((expected * weights).sum(), (volume, grid))
+        our_grads = torch.autograd.grad((ours * weights).sum(), (volume, grid))
+        for mine, theirs in zip(our_grads, expected_grads):
+            assert torch.allclose(mine, theirs, atol=1e-10)
+
+
+def test_trilinear_sampling_of_one_volume_through_the_split_equals_grid_sample(monkeypatch):
+    from gvsl import sampling
+    monkeypatch.setattr(sampling, "PARALLEL_MIN_POINTS", 1)
+    torch.set_num_threads(max(2, torch.get_num_threads()))
+    torch.manual_seed(6)
+    volume = torch.rand(1, 2, 6, 8, 10, dtype=torch.float64, requires_grad=True)
+    grid = (torch.rand(1, 3, 5, 7, 3, dtype=torch.float64) * 2.6 - 1.3).requires_grad_(True)
+    expected = F.grid_sample(volume, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    ours = sample_trilinear(volume, grid, "zeros")
+    assert torch.allclose(ours, expected, atol=1e-12)
+    expected_grads = torch.autograd.grad(expected.sum(), (volume, grid))
+    for mine, theirs in zip(torch.autograd.grad(ours.sum(), (volume, grid)), expected_grads):
+        assert torch.allclose(mine, theirs, atol=1e-10)

@@ -41,7 +41,8 @@ from typing import Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from .sampling import grid_sample_parallel
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 LPS_TO_RAS_4X4 = np.diag([-1.0, -1.0, 1.0, 1.0])  # on homogeneous points and 4x4 matrices
@@ -182,7 +183,7 @@ def sample_at(volume: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear"
     """Sample ``volume`` (N, C, D, H, W) at voxel coordinates ``coords`` (N, 3, d, h, w)
     given in ``volume``'s own voxel grid."""
     grid = voxel_to_normalized(coords.to(volume.dtype), volume.shape[2:])
-    return F.grid_sample(volume, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    return grid_sample_parallel(volume, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
 def warp(volume: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear",

@@ -19,9 +19,9 @@ from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .conventions import Grid, sample_at, sample_matrix
+from .sampling import grid_sample_parallel
 
 DEFAULT_SLAB_VOXELS = 1 << 22
 
@@ -69,7 +69,7 @@ class Mapping:
         values = resample_separable(channels_first, to_local, points)
         if values is None:
             coords = points.apply(sample_matrix(field.shape[1:4]) @ to_local)
-            values = F.grid_sample(channels_first, coords, mode="bilinear", padding_mode="border",
+            values = grid_sample_parallel(channels_first, coords, mode="bilinear", padding_mode="border",
                                    align_corners=True)
         return values.permute(0, 2, 3, 4, 1)
 
@@ -116,7 +116,7 @@ class Mapping:
             coords = points.apply(affine_part)
             if self.local is not None:
                 coords += self._on_slab(linear_local, to_local, points)
-            values = F.grid_sample(shifted, coords, mode=mode, padding_mode="zeros", align_corners=True)
+            values = grid_sample_parallel(shifted, coords, mode=mode, padding_mode="zeros", align_corners=True)
             if background:
                 values += background
             yield d0, d1, values[0, 0] if values.shape[1] == 1 else values[0]
@@ -142,7 +142,7 @@ class Mapping:
         for d0, d1, points in slab_points(grid, slab_voxels):
             values = resample_separable(det, to_local, points)
             if values is None:
-                values = F.grid_sample(det, points.apply(sample_matrix(det.shape[2:]) @ to_local),
+                values = grid_sample_parallel(det, points.apply(sample_matrix(det.shape[2:]) @ to_local),
                                        mode="bilinear", padding_mode="border", align_corners=True)
             yield d0, d1, values[0, 0]
 

