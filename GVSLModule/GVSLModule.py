@@ -163,7 +163,10 @@ class GVSLPathLineEditToStrConnector(GuiConnector):
         return self._widget.currentPath
 
     def write(self, value) -> None:
-        self._widget.currentPath = value
+        # Every keystroke comes back here through the parameter node; setting the same text
+        # again would move the cursor to the end and clear undo (ctkPathLineEdit.setCurrentPath).
+        if value != self._widget.currentPath:
+            self._widget.currentPath = value
 
 
 @parameterNodeWrapper
@@ -216,6 +219,10 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.queryNode = None
         self.lossTable = None
         self.deviceProbe = None
+        # Installing packages runs Qt's event loop for every line of pip's output, so clicks
+        # arrive during it; and a modal error dialog inside pollJobs runs the poll timer again.
+        self.installing = False
+        self.polling = False
         self.pollTimer = self.heatmapTimer = self.probeTimer = None
 
     def setup(self):
@@ -265,14 +272,13 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def cleanup(self):
+        self.setParameterNode(None)  # first: it removes its own observers
         self.removeObservers()
         for timer in (self.pollTimer, self.heatmapTimer, self.probeTimer):
             if timer is not None:
                 timer.stop()
-        if self.deviceProbe is not None and self.deviceProbe.process is not None and self.deviceProbe.result is None:
-            self.deviceProbe.process.kill()
+        self.killDeviceProbe()
         self.stopAllJobs(grace_s=10)  # Slicer is closing: then each job's process tree goes
-        self.setParameterNode(None)
 
     def stopAllJobs(self, grace_s=None):
         """Ask every job to stop, all at once (each child saves while the others do). With
@@ -349,17 +355,22 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateButtons(self, caller=None, event=None):
         p = self._parameterNode
         running = {name for name, (job, _on_done) in self.jobs.items() if job.running}
+        # A job asked to stop is still running while it saves; its Stop button has done its part.
+        stoppable = {name for name, (job, _on_done) in self.jobs.items() if job.running and not job.stop_requested}
+        idle = not self.installing
         ready = bool(p and p.fixedVolume and p.movingVolume and p.fixedVolume != p.movingVolume)
-        self.ui.matchButton.enabled = ready and "match" not in running
-        self.ui.cancelMatchButton.enabled = "match" in running
-        self.ui.pretrainStartButton.enabled = "pretrain" not in running
-        self.ui.pretrainResumeButton.enabled = "pretrain" not in running
-        self.ui.pretrainStopButton.enabled = "pretrain" in running
-        self.ui.finetuneStartButton.enabled = "finetune" not in running
-        self.ui.finetuneResumeButton.enabled = "finetune" not in running
-        self.ui.finetuneStopButton.enabled = "finetune" in running
-        self.ui.segmentButton.enabled = bool(p and p.segmentVolume and p.segmentCheckpoint) and "segment" not in running
-        self.ui.cancelSegmentButton.enabled = "segment" in running
+        self.ui.installDependenciesButton.enabled = idle
+        self.ui.matchButton.enabled = idle and ready and "match" not in running
+        self.ui.cancelMatchButton.enabled = "match" in stoppable
+        self.ui.pretrainStartButton.enabled = idle and "pretrain" not in running
+        self.ui.pretrainResumeButton.enabled = idle and "pretrain" not in running
+        self.ui.pretrainStopButton.enabled = "pretrain" in stoppable
+        self.ui.finetuneStartButton.enabled = idle and "finetune" not in running
+        self.ui.finetuneResumeButton.enabled = idle and "finetune" not in running
+        self.ui.finetuneStopButton.enabled = "finetune" in stoppable
+        self.ui.segmentButton.enabled = (idle and bool(p and p.segmentVolume and p.segmentCheckpoint)
+                                         and "segment" not in running)
+        self.ui.cancelSegmentButton.enabled = "segment" in stoppable
 
     # ------------------------------------------------------------ dependencies
     def updateDeviceLabel(self):
@@ -370,12 +381,18 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.deviceLabel.text = _("PyTorch is not installed: click Install")
             return
         self.ui.deviceLabel.text = _("Detecting devices ...")
+        self.killDeviceProbe()
         try:
             self.deviceProbe = dependencies.DeviceProbe().start()
         except OSError as exc:
             self.ui.deviceLabel.text = _("Could not start PyTorch's device check: ") + str(exc)
             return
         self.probeTimer.start()
+
+    def killDeviceProbe(self):
+        probe = self.deviceProbe
+        if probe is not None and probe.process is not None and probe.result is None:
+            probe.process.kill()
 
     def pollDeviceProbe(self):
         answer = self.deviceProbe.poll() if self.deviceProbe is not None else ("", True)
@@ -389,6 +406,17 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ensureDependencies(ask=True)
 
     def ensureDependencies(self, ask=True) -> bool:
+        if self.installing:  # a click that arrived while pip's output was being shown
+            return False
+        self.installing = True
+        self.updateButtons()
+        try:
+            return self._ensureDependencies(ask)
+        finally:
+            self.installing = False
+            self.updateButtons()
+
+    def _ensureDependencies(self, ask) -> bool:
         from GVSLModuleLib import dependencies
         missing = dependencies.missing_packages()
         need_torch = not dependencies.torch_available()
@@ -454,8 +482,10 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ensureQueryNode()
                 self.updateSelectorFilters()
 
-            self.startJob("match", job, self.ui.matchProgressBar, done)
-            self.ui.metricsLabel.text = "\n".join(notes)
+            # The metrics label says "stopping ..." after Cancel and "stopped" if nothing was kept.
+            self.startJob("match", job, self.ui.matchProgressBar, done, self.ui.metricsLabel)
+            if notes:
+                self.ui.metricsLabel.text = "\n".join(notes)
 
     def onShowGrid(self, show):
         self.logic.core.showDeformationGrid(bool(show))
@@ -482,7 +512,8 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             heatmap, best = self.logic.core.similarityHeatmap(point, query_volume)
         except Exception as exc:  # shown, not raised: this runs on every drag
-            self.ui.heatmapLabel.text = str(exc)
+            logging.exception("GVSL heatmap")
+            self.ui.heatmapLabel.text = f"{type(exc).__name__}: {exc}"
             return
         self.logic.core.updateBestMatchMarkup(best)
         layoutManager = slicer.app.layoutManager()
@@ -510,6 +541,7 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._startPretrain(resume)
 
     def _startPretrain(self, resume):
+        from GVSLModuleLib.logic import absolute_path
         p = self._parameterNode
         if not p.pretrainOutputFolder:
             slicer.util.errorDisplay(_("Choose an output folder."))
@@ -521,7 +553,7 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.errorDisplay(_("Pre-training needs at least two scalar volumes in the scene "
                                            "(label maps and GVSL's own results are not used)."))
                 return
-            data = self.logic.core.exportVolumes(volumes, os.path.join(p.pretrainOutputFolder, "scene_volumes"))
+            data = self.logic.core.exportVolumes(volumes, os.path.join(absolute_path(p.pretrainOutputFolder), "scene_volumes"))
         elif not data:
             slicer.util.errorDisplay(_("Choose a data folder or use the scene's volumes."))
             return
@@ -557,6 +589,7 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._startFinetune(resume)
 
     def _startFinetune(self, resume):
+        from GVSLModuleLib.logic import absolute_path
         p = self._parameterNode
         if not (p.finetuneImagesFolder and p.finetuneLabelsFolder and p.finetuneOutputFolder):
             slicer.util.errorDisplay(_("Choose the images, labels and output folders."))
@@ -566,7 +599,7 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                           classes, p.finetuneInit or "scratch", p.finetuneMode, p.finetunePatch,
                                           p.finetuneIterations, device=p.device, resume=resume)
         self.startLossCurve("GVSL fine-tuning loss")
-        best = os.path.join(p.finetuneOutputFolder, "checkpoints", "best.pt")
+        best = os.path.join(absolute_path(p.finetuneOutputFolder), "checkpoints", "best.pt")
 
         def done():
             p.segmentCheckpoint = best
@@ -612,8 +645,21 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             job.request_stop()
             if job.statusLabel is not None:
                 job.statusLabel.text = _("stopping: the job saves, then exits ...")
+            self.updateButtons()
 
     def pollJobs(self):
+        if self.polling:  # called again from inside a modal dialog that the outer call opened
+            return
+        self.polling = True
+        try:
+            self._pollJobs()
+        finally:
+            self.polling = False
+        if not self.jobs:
+            self.pollTimer.stop()
+        self.updateButtons()
+
+    def _pollJobs(self):
         for name, (job, onDone) in list(self.jobs.items()):
             for event in job.poll():
                 kind = event.get("event")
@@ -631,7 +677,7 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not job.running:
                 job.poll()
                 job.finish()  # anything the child left in its process tree
-                del self.jobs[name]
+                self.jobs.pop(name, None)
                 error = job.error_message()
                 done_event = job.last("done") or {}
                 kept = (job.stop_requested and not job.killed and not job.sceneClosed and job.returncode == 0
@@ -652,9 +698,6 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         job.statusLabel.text = _("done")
                     self._runOnDone(name, onDone)
                 job.progressBar.setValue(100 if job.returncode == 0 and not job.stop_requested else 0)
-        if not self.jobs:
-            self.pollTimer.stop()
-        self.updateButtons()
 
     @staticmethod
     def _runOnDone(name, onDone):

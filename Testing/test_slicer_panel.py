@@ -455,3 +455,19 @@ def test_moving_volume_under_gvsl_transforms_is_matched_as_it_is(scene, tmp_path
     job, _ = GVSLLogic(scene).matchJob(add_volume(scene, small_image(1)[0], "fixed 2"), moving, workFolder=tmp_path)
     written = sitk.ReadImage(job.args[2])
     np.testing.assert_allclose(written.GetOrigin(), image.GetOrigin(), atol=1e-9)
+
+
+def test_job_paths_typed_relative_are_made_absolute(tmp_path, monkeypatch):
+    """The child runs in Slicer's working directory (/ or the launcher's folder): a typed
+    relative path or ~ must not land there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    job = GVSLLogic.pretrainJob("data", "~/run")
+    args = job.args
+    assert args[args.index("--data") + 1] == str(tmp_path / "data")
+    assert args[args.index("--out") + 1] == str(tmp_path / "home" / "run")
+    assert job.stop_file == tmp_path / "home" / "run" / "STOP"
+    job = GVSLLogic.finetuneJob("i", "l", "ft", ["liver"], init="model.pt")
+    assert [job.args[job.args.index(flag) + 1] for flag in ("--images", "--labels", "--out", "--init")] == [
+        str(tmp_path / name) for name in ("i", "l", "ft", "model.pt")]
+    assert GVSLLogic.finetuneJob("i", "l", "ft", ["liver"]).args[job.args.index("--init") + 1] == "scratch"

@@ -11,6 +11,7 @@ Transforms created by Match pair (see ``gvsl.conventions`` for directions):
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,12 @@ PANEL_IMAGE_FILES = {"warped": "warped.nrrd", "jacobian": "jacobian.nrrd"}  # = 
 # that dragging the query point stays interactive on full-resolution CTs.
 MAX_HEATMAP_IMAGE_VOXELS = 1 << 24
 SAMPLE_DEFORMATION_SEED = 7  # the twin gvsl demo matches
+
+
+def absolute_path(path) -> str:
+    """A path the user typed, made absolute (``~`` expanded): the child runs in Slicer's working
+    directory, which is ``/`` or the launcher's folder, not one the user chose."""
+    return os.path.abspath(os.path.expanduser(str(path)))
 
 
 @dataclass
@@ -280,6 +287,7 @@ class GVSLLogic:
         """A not yet started child process that matches the pair into ``workFolder``/result."""
         folder = Path(workFolder or tempfile.mkdtemp(prefix="gvsl-match-"))
         fixed_path, moving_path = self.writeMatchInputs(fixedVolumeNode, movingVolumeNode, folder / "inputs")
+        checkpoint = absolute_path(checkpoint) if checkpoint else checkpoint
         args = match_arguments(fixed_path, moving_path, folder / "result", checkpoint, device, preset,
                                refineIterations, similarity, timeBudgetSeconds, precision)
         return GVSLJob(args, stop_file=folder / "STOP"), str(folder / "result")
@@ -463,6 +471,7 @@ class GVSLLogic:
     @staticmethod
     def pretrainJob(dataFolder, outputFolder, patch=128, iterations=10000, batch=1, width=1.0, learningRate=1e-4,
                     device="auto", resume=False, extra: Sequence[str] = ()) -> GVSLJob:
+        dataFolder, outputFolder = absolute_path(dataFolder), absolute_path(outputFolder)
         args = ["pretrain", "--data", dataFolder, "--out", outputFolder, "--patch", patch, "--iters", iterations,
                 "--batch", batch, "--width", width, "--lr", learningRate, "--device", device, *extra]
         if resume:
@@ -473,6 +482,8 @@ class GVSLLogic:
     def finetuneJob(imagesFolder, labelsFolder, outputFolder, classNames: Sequence[str], init="scratch",
                     mode="full", patch=128, iterations=2000, batch=1, learningRate=1e-4, device="auto",
                     resume=False, extra: Sequence[str] = ()) -> GVSLJob:
+        imagesFolder, labelsFolder, outputFolder = (absolute_path(f) for f in (imagesFolder, labelsFolder, outputFolder))
+        init = init if init == "scratch" else absolute_path(init)
         args = ["finetune", "--images", imagesFolder, "--labels", labelsFolder, "--out", outputFolder,
                 "--init", init, "--mode", mode, "--classes", ",".join(classNames), "--patch", patch,
                 "--iters", iterations, "--batch", batch, "--lr", learningRate, "--device", device, *extra]
@@ -535,7 +546,7 @@ class GVSLLogic:
         folder.mkdir(parents=True, exist_ok=True)
         image_path, labels_path = folder / "image.nrrd", folder / "labels.nrrd"
         sitk.WriteImage(mrml_io.volume_to_image(volumeNode), str(image_path))
-        return GVSLJob(segment_arguments(image_path, checkpoint, labels_path, device),
+        return GVSLJob(segment_arguments(image_path, absolute_path(checkpoint), labels_path, device),
                        stop_file=folder / STOP_FILE_NAME), str(labels_path)
 
     def importSegmentation(self, labelsPath, volumeNode, segmentationNode=None):
