@@ -277,6 +277,15 @@ def brain_tissue_labels(image: sitk.Image, brain_mask: sitk.Image) -> sitk.Image
     return out
 
 
+def colin27_brain_mask(spacing_mm: Optional[float] = None) -> sitk.Image:
+    """MRIcron's brain mask of Colin27 (``ch2bet``), on the grid of ``load_source("colin27", spacing_mm)``."""
+    brain = sitk.ReadImage(str(MRICRON_TEMPLATES / "ch2bet.nii.gz"))
+    brain.CopyInformation(_load_native("colin27")[0])
+    if spacing_mm is not None:
+        brain = resample_isotropic(brain, spacing_mm, labels=True)
+    return brain
+
+
 def cross_subject_pairs(spacing_mm: Optional[float] = 2.0) -> List[Pair]:
     """Pairs of two different subjects with comparable labels (no point-wise truth):
 
@@ -292,11 +301,7 @@ def cross_subject_pairs(spacing_mm: Optional[float] = 2.0) -> List[Pair]:
     except SourceMissing as exc:
         print(f"skipped cross-subject pair: {exc}", file=sys.stderr)
         return pairs
-    brain = sitk.ReadImage(str(MRICRON_TEMPLATES / "ch2bet.nii.gz"))
-    brain.CopyInformation(_load_native("colin27")[0])
-    if spacing_mm is not None:
-        brain = resample_isotropic(brain, spacing_mm, labels=True)
-    colin_tissue = brain_tissue_labels(colin.image, brain)
+    colin_tissue = brain_tissue_labels(colin.image, colin27_brain_mask(spacing_mm))
     pairs.append(Pair("mni152 vs colin27", mni.image, colin.image, mni.labels, colin_tissue,
                       {1: "grey matter", 2: "white matter"}, "cross-subject", None, "MR",
                       f"{mni.licence}; {colin.licence}"))
