@@ -7,6 +7,16 @@ import torch.nn.functional as F
 from gvsl.sampling import SlabVolume, sample_trilinear
 
 
+def assert_same_values_and_gradients(ours, expected, inputs):
+    """Values to 1e-12 and the gradients of a random weighting of the outputs to 1e-10 (float64)."""
+    assert torch.allclose(ours, expected, atol=1e-12)
+    weights = torch.rand_like(expected)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), inputs, retain_graph=True)
+    our_grads = torch.autograd.grad((ours * weights).sum(), inputs, retain_graph=True)
+    for mine, theirs in zip(our_grads, expected_grads):
+        assert torch.allclose(mine, theirs, atol=1e-10)
+
+
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
 @pytest.mark.parametrize("shape", [(7, 9, 11), (1, 5, 6), (12, 3, 8), (4, 1, 5)])
 def test_values_and_gradients_equal_grid_sample(padding_mode, shape):
@@ -17,12 +27,7 @@ def test_values_and_gradients_equal_grid_sample(padding_mode, shape):
     expected = F.grid_sample(volume, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
     ours = sample_trilinear(volume, grid, padding_mode)
     assert ours.shape == expected.shape == (2, 3, 4, 5, 6)
-    assert torch.allclose(ours, expected, atol=1e-12)
-    weights = torch.rand_like(expected)
-    expected_grads = torch.autograd.grad((expected * weights).sum(), (volume, grid))
-    our_grads = torch.autograd.grad((ours * weights).sum(), (volume, grid))
-    for mine, theirs in zip(our_grads, expected_grads):
-        assert torch.allclose(mine, theirs, atol=1e-10)
+    assert_same_values_and_gradients(ours, expected, (volume, grid))
 
 
 def test_a_prepared_slab_samples_like_the_volume_in_float32():
@@ -143,12 +148,7 @@ def test_parallel_grid_sample_equals_grid_sample_values_and_gradients(dims, chan
         expected = F.grid_sample(volume, grid, **options)
         ours = sampling.grid_sample_parallel(volume, grid, **options)
         assert ours.shape == expected.shape
-        assert torch.allclose(ours, expected, atol=1e-12)
-        weights = torch.rand_like(expected)
-        expected_grads = torch.autograd.grad((expected * weights).sum(), (volume, grid))
-        our_grads = torch.autograd.grad((ours * weights).sum(), (volume, grid))
-        for mine, theirs in zip(our_grads, expected_grads):
-            assert torch.allclose(mine, theirs, atol=1e-10)
+        assert_same_values_and_gradients(ours, expected, (volume, grid))
 
 
 def test_trilinear_sampling_of_one_volume_through_the_split_equals_grid_sample(monkeypatch):
