@@ -692,6 +692,8 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         job.statusLabel.text = (_("stopped and killed (it did not exit in time)") if job.killed else
                                                 _("stopped") + (f" at step {done['step']}" if "step" in done else ""))
                 elif error:
+                    if job.statusLabel is not None:
+                        job.statusLabel.text = _("failed: ") + error.splitlines()[0]
                     slicer.util.errorDisplay(f"GVSL {name} failed:\n{error}")
                 elif job.returncode == 0:
                     if job.statusLabel is not None:
