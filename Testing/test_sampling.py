@@ -164,3 +164,12 @@ def test_trilinear_sampling_of_one_volume_through_the_split_equals_grid_sample(m
     expected_grads = torch.autograd.grad(expected.sum(), (volume, grid))
     for mine, theirs in zip(torch.autograd.grad(ours.sum(), (volume, grid)), expected_grads):
         assert torch.allclose(mine, theirs, atol=1e-10)
+
+
+@pytest.mark.parametrize("window", [3, 7])
+def test_separable_box_dilation_equals_the_3d_max_pool(window):
+    from gvsl.refine import dilate_box
+    torch.manual_seed(3)
+    mask = (torch.rand(1, 1, 9, 12, 10) > 0.93).float()
+    expected = F.max_pool3d(mask, kernel_size=window, stride=1, padding=window // 2)
+    assert torch.equal(dilate_box(mask, window), expected)

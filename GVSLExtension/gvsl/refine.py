@@ -345,8 +345,18 @@ def foreground_threshold(volume) -> float:
 def _foreground(volume: torch.Tensor, window: int) -> torch.Tensor:
     """Where the fixed image has structure (above :func:`foreground_threshold`), dilated."""
     mask = (volume > foreground_threshold(volume)).float()
-    mask = F.max_pool3d(mask, kernel_size=window, stride=1, padding=window // 2)
+    mask = dilate_box(mask, window)
     return mask if mask.sum() > 0 else torch.ones_like(volume)
+
+
+def dilate_box(mask: torch.Tensor, window: int) -> torch.Tensor:
+    """``F.max_pool3d(mask, window, stride=1, padding=window // 2)`` of a 0/1 mask (N, C, D, H, W):
+    where the zero-padded box mean is above zero, by running sums (the CPU's 3-D max pool took
+    0.2 s on a 2 mm brain; a box mean costs the same for any window). Half of the smallest
+    non-zero mean separates the two, far above float32's rounding of the sums."""
+    half = window // 2
+    means = _box_mean_valid(F.pad(mask, [half] * 6), window)
+    return (means > 0.5 / window ** 3).to(mask.dtype)
 
 
 # ------------------------------------------------------------------------- affine
