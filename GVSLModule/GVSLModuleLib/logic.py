@@ -546,8 +546,8 @@ class GVSLLogic:
         folder.mkdir(parents=True, exist_ok=True)
         image_path, labels_path = folder / "image.nrrd", folder / "labels.nrrd"
         sitk.WriteImage(mrml_io.volume_to_image(volumeNode), str(image_path))
-        return GVSLJob(segment_arguments(image_path, absolute_path(checkpoint) if checkpoint else checkpoint, labels_path,
-                                         device),
+        checkpoint = absolute_path(checkpoint) if checkpoint else checkpoint
+        return GVSLJob(segment_arguments(image_path, checkpoint, labels_path, device),
                        stop_file=folder / STOP_FILE_NAME), str(labels_path)
 
     def importSegmentation(self, labelsPath, volumeNode, segmentationNode=None):
