@@ -173,3 +173,18 @@ def test_separable_box_dilation_equals_the_3d_max_pool(window):
     mask = (torch.rand(1, 1, 9, 12, 10) > 0.93).float()
     expected = F.max_pool3d(mask, kernel_size=window, stride=1, padding=window // 2)
     assert torch.equal(dilate_box(mask, window), expected)
+
+
+@pytest.mark.parametrize("source, target", [((5, 7, 6), (9, 13, 11)), ((2, 3, 9), (17, 3, 20))])
+def test_separable_upsampling_equals_trilinear_interpolation(source, target):
+    from gvsl.refine import upsample_separable, upsampling_matrices
+    torch.manual_seed(4)
+    volume = torch.randn(1, 3, *source, requires_grad=True)
+    expected = F.interpolate(volume, size=target, mode="trilinear", align_corners=True)
+    ours = upsample_separable(volume, upsampling_matrices(source, target, "cpu"))
+    assert ours.shape == expected.shape
+    assert torch.allclose(ours, expected, atol=1e-5)
+    weights = torch.randn_like(expected)
+    expected_grad, = torch.autograd.grad((expected * weights).sum(), volume)
+    our_grad, = torch.autograd.grad((ours * weights).sum(), volume)
+    assert torch.allclose(our_grad, expected_grad, atol=1e-4)

@@ -204,6 +204,18 @@ def _interpolation_weights(coords: torch.Tensor, size: int):
     return low.long(), coords - low
 
 
+def interpolation_matrix(coords: torch.Tensor, size: int) -> torch.Tensor:
+    """(K, size) float64 matrix of border-clamped linear interpolation at positions ``coords``
+    (K,): row k holds the two weights of sample k (a matrix product interpolates, and its
+    transpose is the adjoint)."""
+    low, weight = _interpolation_weights(coords, size)
+    rows = torch.arange(coords.numel())
+    weights = torch.zeros(coords.numel(), size, dtype=torch.float64)
+    weights.index_put_((rows, low), 1.0 - weight, accumulate=True)
+    weights.index_put_((rows, low + 1), weight, accumulate=True)
+    return weights
+
+
 def _linear_along(volume: torch.Tensor, dim: int, coords: torch.Tensor) -> torch.Tensor:
     """Linear interpolation of the contiguous ``volume`` along ``dim`` at float64 positions
     ``coords`` (K,), clamped to the border (grid_sample's ``padding_mode="border"``); the
@@ -213,20 +225,16 @@ def _linear_along(volume: torch.Tensor, dim: int, coords: torch.Tensor) -> torch
     shape[dim] = coords.numel()
     if size == 1:
         return volume.expand(shape).contiguous()
-    low, weight = _interpolation_weights(coords, size)
     before = int(np.prod(volume.shape[:dim]))
     after = int(np.prod(volume.shape[dim + 1:]))
     if size <= DENSE_INTERPOLATION_MAX_SIZE:
-        rows = torch.arange(coords.numel())
-        weights = torch.zeros(coords.numel(), size, dtype=torch.float64)
-        weights.index_put_((rows, low), 1.0 - weight, accumulate=True)
-        weights.index_put_((rows, low + 1), weight, accumulate=True)
-        weights = weights.to(volume.dtype)
+        weights = interpolation_matrix(coords, size).to(volume.dtype)
         if after == 1:
             out = volume.reshape(before, size) @ weights.T
         else:
             out = torch.matmul(weights, volume.reshape(before, size, after))
         return out.reshape(shape)
+    low, weight = _interpolation_weights(coords, size)
     weight_shape = [1] * volume.dim()
     weight_shape[dim] = -1
     weight = weight.to(volume.dtype).view(weight_shape)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .conventions import Grid, identity_voxel_grid, sample_at, sample_matrix, voxel_to_normalized, warp
-from .mapping import Mapping, lps_to_voxel_flow, voxel_flow_to_lps
+from .mapping import Mapping, interpolation_matrix, lps_to_voxel_flow, voxel_flow_to_lps
 from .sampling import SlabVolume, sample_trilinear
 
 SIMILARITIES = ("lncc", "mind")
@@ -407,6 +407,7 @@ class _Level:
         # control voxels -> level voxels, per tensor channel (d, h, w)
         ratio = np.asarray(self.control.spacing) / np.asarray(self.grid.spacing)
         self.control_to_level = torch.tensor(ratio[::-1].copy(), dtype=torch.float32, device=device).view(1, 3, 1, 1, 1)
+        self.upsampling = upsampling_matrices(self.control.shape, self.grid.shape, device)
 
     def _sample_matrix(self, affine: torch.Tensor) -> torch.Tensor:
         """4x4 float32: fixed level voxel (d, h, w) -> grid_sample (x, y, z) in the moving level volume."""
@@ -432,13 +433,33 @@ class _Level:
         m = self._sample_matrix(affine)
         mixing = m[:3, :3] * self.control_to_level.view(1, 3)
         mapped = torch.einsum("ij,njdhw->nidhw", mixing, control_displacement)
-        up = F.interpolate(mapped, size=self.grid.shape, mode="trilinear", align_corners=True)
+        up = upsample_separable(mapped, self.upsampling)
         return affine_coords + up.permute(0, 2, 3, 4, 1)
 
     def upsample(self, control_displacement: torch.Tensor) -> torch.Tensor:
         """A displacement in control voxels -> level voxels on the level grid."""
-        up = F.interpolate(control_displacement, size=self.grid.shape, mode="trilinear", align_corners=True)
-        return up * self.control_to_level
+        return upsample_separable(control_displacement, self.upsampling) * self.control_to_level
+
+
+def upsampling_matrices(source_shape, target_shape, device) -> List[torch.Tensor]:
+    """Per axis (d, h, w), the (target, source) float32 matrix of trilinear upsampling with
+    ``align_corners=True`` (first and last samples coincide, as on a nested control grid)."""
+    matrices = []
+    for n_source, n_target in zip(source_shape, target_shape):
+        coords = torch.arange(n_target, dtype=torch.float64) * ((n_source - 1) / max(n_target - 1, 1))
+        matrices.append(interpolation_matrix(coords, n_source).float().to(device))
+    return matrices
+
+
+def upsample_separable(volume: torch.Tensor, matrices: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``F.interpolate(volume, size, mode="trilinear", align_corners=True)`` of (N, C, d, h, w)
+    as three matrix products (:func:`upsampling_matrices`), equal up to float rounding. On the
+    CPU ``upsample_trilinear3d``'s backward took 7 ms a refinement step on a 2 mm brain; the
+    products' forward and backward together take about a third of the interpolation's."""
+    along_d, along_h, along_w = matrices
+    out = torch.matmul(along_h, volume @ along_w.T)  # (N, C, d, H, W)
+    n, c, d, height, width = out.shape
+    return (along_d @ out.reshape(n * c, d, height * width)).reshape(n, c, along_d.shape[0], height, width)
 
 
 class WarmAdam:
