@@ -279,6 +279,7 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 timer.stop()
         self.killDeviceProbe()
         self.stopAllJobs(grace_s=10)  # Slicer is closing: then each job's process tree goes
+        self.logic.core.removeTemporaryFolders(keepLastMatch=False)  # the jobs' inputs and results
 
     def stopAllJobs(self, grace_s=None):
         """Ask every job to stop, all at once (each child saves while the others do). With

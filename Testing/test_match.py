@@ -378,16 +378,33 @@ def test_lncc_box_filter_equals_monai():
 
 def test_box_filter_gradient_is_the_true_gradient():
     """The box mean's hand-written backward (its adjoint) against finite differences and
-    against autograd through the running sums."""
-    from gvsl.refine import _box_mean_valid, box_filter
+    against autograd through a convolution with a box kernel; windows wider than the output too."""
+    import torch.nn.functional as F
+    from gvsl.refine import box_filter
     torch.manual_seed(0)
     x = torch.rand(1, 2, 9, 10, 11, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v: box_filter(v, 3), (x,))
     assert torch.autograd.gradcheck(lambda v: box_filter(v, 4, same_size=True), (x,))
-    weights = torch.rand(1, 2, 5, 6, 7, dtype=torch.float64)
-    ours, = torch.autograd.grad((box_filter(x, 5) * weights).sum(), x)
-    through_cumsum, = torch.autograd.grad((_box_mean_valid(x, 5) * weights).sum(), x)
-    assert torch.allclose(ours, through_cumsum, atol=1e-12)
+    for window in (5, 7):  # at 7 the output (3 x 4 x 5) is narrower than the window
+        kernel = torch.ones(2, 1, window, window, window, dtype=torch.float64) / window ** 3
+        weights = torch.rand(1, 2, *(n - window + 1 for n in x.shape[2:]), dtype=torch.float64)
+        ours = box_filter(x, window)
+        by_convolution = F.conv3d(x, kernel, groups=2)
+        assert torch.allclose(ours, by_convolution, atol=1e-12)
+        grad_ours, = torch.autograd.grad((ours * weights).sum(), x)
+        grad_convolution, = torch.autograd.grad((by_convolution * weights).sum(), x)
+        assert torch.allclose(grad_ours, grad_convolution, atol=1e-12)
+
+
+def test_box_filter_on_a_large_volume_equals_the_convolution():
+    """Past 1 M values the outermost axis is summed slice by slice instead of by cumsum."""
+    import torch.nn.functional as F
+    from gvsl.refine import box_filter
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 100, 60, 60, dtype=torch.float64)
+    assert x.numel() >= 1 << 20
+    kernel = torch.ones(3, 1, 7, 7, 7, dtype=torch.float64) / 343
+    assert torch.allclose(box_filter(x, 7), F.conv3d(x, kernel, groups=3), atol=1e-10)
 
 
 def test_mind_descriptor_is_modality_independent():

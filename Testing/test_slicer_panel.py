@@ -471,3 +471,30 @@ def test_job_paths_typed_relative_are_made_absolute(tmp_path, monkeypatch):
     assert [job.args[job.args.index(flag) + 1] for flag in ("--images", "--labels", "--out", "--init")] == [
         str(tmp_path / name) for name in ("i", "l", "ft", "model.pt")]
     assert GVSLLogic.finetuneJob("i", "l", "ft", ["liver"]).args[job.args.index("--init") + 1] == "scratch"
+
+
+def test_temporary_job_folders_go_once_nothing_reads_them(scene, tmp_path, monkeypatch):
+    """Each Match pair and Segment without a work folder writes its inputs and results to a new
+    temporary folder: the earlier ones go at the next job of the kind, except the folder the
+    last match's heatmaps still read; all go when the module is cleaned up; a caller's work
+    folder is never touched."""
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    logic = GVSLLogic(scene)
+    fixed, moving = add_volume(scene, small_image(1)[0], "fixed"), add_volume(scene, small_image(2)[0], "moving")
+    _, first = logic.matchJob(fixed, moving)
+    first_root = Path(first).parent
+    assert first_root.parent == tmp_path and (first_root / "inputs").is_dir()
+    _, second = logic.matchJob(fixed, moving)  # the first match was never imported: its folder goes
+    assert not first_root.exists() and Path(second).parent.exists()
+    logic.lastMatchFolder = Path(second)  # what importMatchFolder records: heatmaps read state.npz there
+    _, third = logic.matchJob(fixed, moving)
+    assert Path(second).parent.exists() and Path(third).parent.exists()
+    _, seg_first = logic.segmentJob(fixed, tmp_path / "best.pt", "cpu")
+    _, seg_second = logic.segmentJob(fixed, tmp_path / "best.pt", "cpu")
+    assert not Path(seg_first).parent.exists() and Path(seg_second).parent.exists()
+    own = tmp_path / "mine"
+    logic.matchJob(fixed, moving, workFolder=own)
+    logic.removeTemporaryFolders(keepLastMatch=False)
+    assert own.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+    assert logic.lastMatch is None and logic.lastMatchFolder is None

@@ -7,7 +7,7 @@ import torch
 
 from gvsl.conventions import affine_to_flow, warp
 from gvsl.data import PairSampler
-from gvsl.losses import FieldLoss, GVSLLoss
+from gvsl.losses import DescriptorContrastLoss, FieldLoss, GVSLLoss, LossWeights
 from gvsl.network import GVSLOutput
 from gvsl.synth import (KnownPairConfig, KnownPairSource, random_known_flow, render, smooth_noise,
                         synthetic_label_map)
@@ -51,6 +51,19 @@ def test_known_flow_stays_in_its_ranges():
     corner = math.sqrt(3) * (PATCH[0] - 1) / 2  # farthest voxel from the centre
     assert float(flow.norm(dim=1).max()) <= 2 * math.sin(math.radians(10) * math.sqrt(3) / 2) * corner + 1e-3
     assert torch.allclose(torch.linalg.det(affine[:, :, :3]), torch.ones(8), atol=1e-5)  # rotations
+
+
+def test_aligned_fraction_draws_near_identity_transforms_and_is_off_by_default():
+    generator = lambda: torch.Generator().manual_seed(4)
+    usual = random_known_flow(64, PATCH, KnownPairConfig(), generator())[0]
+    assert torch.equal(usual, random_known_flow(64, PATCH, KnownPairConfig(aligned_fraction=0.0), generator())[0])
+    aligned = random_known_flow(64, PATCH, KnownPairConfig(aligned_fraction=1.0), generator())[0]
+    usual_size, aligned_size = (f.norm(dim=1).flatten(1).mean(1) for f in (usual, aligned))
+    # u^2 with u uniform: a third of the usual motion on average, and a quarter of the pairs
+    # under a quarter of it (u < 0.5), which the usual ranges almost never draw.
+    assert float(aligned_size.mean()) < 0.5 * float(usual_size.mean())
+    assert int((aligned_size < 0.25 * usual_size.median()).sum()) >= 8
+    assert int((usual_size < 0.25 * usual_size.median()).sum()) <= 2
 
 
 def test_elastic_part_has_the_configured_size_and_no_folds():
@@ -148,6 +161,56 @@ def test_gvsl_loss_adds_the_field_term_and_masks_ncc_across_contrasts():
     truth["same_contrast"] = torch.tensor([False])
     _, masked = criterion(output, truth["a"], truth)
     assert float(masked["ncc"]) == pytest.approx(1.0)  # no sample where NCC means anything: no signal
+
+
+def _shifted_descriptors(shift_dhw, shape=(32, 32, 32), channels=32, seed=0):
+    """Multi-level descriptors of A (random) and of B = A moved by an integer ``shift_dhw``:
+    B's descriptor at p + shift is A's at p on the last level (levels: strides 16, 8, 4, 2, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    full = torch.randn(1, channels, *shape, generator=g)
+    moved = torch.roll(full, shifts=tuple(int(s) for s in shift_dhw), dims=(2, 3, 4))
+    shift = torch.tensor(shift_dhw, dtype=torch.float32).view(1, 3, 1, 1, 1).expand(1, 3, *shape)
+
+    def levels(volume):
+        return [torch.nn.functional.interpolate(volume, size=tuple(s // k for s in shape), mode="trilinear",
+                                                align_corners=True) for k in (16, 8, 4, 2)]
+    return GVSLOutput(features_a=full, features_b=moved, levels_a=levels(full), levels_b=levels(moved)), shift
+
+
+def test_descriptor_contrast_loss_rewards_descriptors_that_match_at_the_known_correspondence():
+    output, shift = _shifted_descriptors((2.0, -3.0, 1.0))
+    a = torch.ones(1, 1, 32, 32, 32)
+    last_level = DescriptorContrastLoss(points=64, level_weights=(0, 0, 0, 0, 1), seed=1)
+    right = float(last_level(output, {"flow": shift}, a))
+    wrong = float(last_level(output, {"flow": torch.zeros_like(shift)}, a))
+    # Chance is log(64 queries x 9 candidates) = 6.4; exact matches among random descriptors score ~0.
+    assert right < 0.2 and wrong > 2.0
+    # The heatmap's weighting (coarse levels included) still ranks the true correspondence first.
+    heatmap_weights = DescriptorContrastLoss(points=64, seed=1)
+    assert float(heatmap_weights(output, {"flow": shift}, a)) < float(heatmap_weights(
+        output, {"flow": torch.zeros_like(shift)}, a))
+    # The gradient reaches the descriptors of both images, every weighted level.
+    levels = [t.clone().requires_grad_(True) for t in output.levels_a + output.levels_b]
+    features = output.features_a.clone().requires_grad_(True)
+    output = GVSLOutput(features_a=features, features_b=output.features_b, levels_a=levels[:4], levels_b=levels[4:])
+    heatmap_weights(output, {"flow": shift}, a).backward()
+    assert features.grad.abs().sum() > 0 and levels[2].grad.abs().sum() > 0 and levels[6].grad.abs().sum() > 0
+    assert levels[0].grad is None or float(levels[0].grad.abs().sum()) == 0.0  # the bottleneck weighs 0
+
+
+def test_contrast_term_is_off_by_default_and_added_on_known_pairs_when_weighted():
+    source = _source(independent_contrast=0.0)
+    truth = source.sample(1)
+    zero = torch.zeros_like(truth["flow"])
+    output, _ = _shifted_descriptors((0.0, 0.0, 0.0), shape=tuple(truth["a"].shape[2:]))
+    output.flow, output.affine_flow, output.local_flow = zero, zero, zero
+    output.warped, output.restored = truth["b"], truth["a"]
+    _, terms = GVSLLoss()(output, truth["a"], truth)
+    assert "contrast" not in terms
+    total, terms = GVSLLoss(LossWeights(contrast=2.0))(output, truth["a"], truth)
+    assert float(terms["contrast"]) > 0
+    assert float(total) == pytest.approx(sum(float(v) for k, v in terms.items() if k != "contrast")
+                                         + 2.0 * float(terms["contrast"]), rel=1e-5)
 
 
 def test_pretrain_on_known_pairs_logs_and_resumes(tmp_path):

@@ -7,7 +7,9 @@ training data, see ``pretrain_data.py``):
 
 * network-only mean Dice (``match_pair(..., refine_iters=0)``) against the Dice before,
 * heatmap best-match median error in working voxels (multi-scale descriptors),
-* folding (% of working voxels with a non-positive Jacobian).
+* folding (% of working voxels with a non-positive Jacobian),
+* on pairs that need no motion (each held-out volume with itself): the network's mean displacement
+  (working voxels) and the labels' Dice with themselves through it.
 
 Rows are appended to ``RUN/validation.jsonl`` (one per checkpoint, already evaluated ones are
 skipped, so it can be rerun while the run goes on), the table is printed, and
@@ -46,6 +48,25 @@ def checkpoint_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True).get("step", -1))
 
 
+def aligned_motion(model, pairs) -> dict:
+    """The network on pairs that need no motion, (A, A), one per held-out volume: the mean length
+    of its displacement in working voxels and the Dice of A's labels with themselves through it
+    (1.0 for a network that leaves an aligned pair alone)."""
+    import SimpleITK as sitk
+    seen, lengths, dices = set(), [], []
+    for pair in pairs:
+        key = pair.name.rsplit(" seed ", 1)[0]  # the seeds of one source share its fixed volume
+        if key in seen:
+            continue
+        seen.add(key)
+        result = heatmaps.network_only(pair.fixed, pair.fixed, model)
+        spacing = result.metrics["working_grid"]["spacing_mm"]
+        lengths.append(float(np.linalg.norm(sitk.GetArrayViewFromImage(result.displacement), axis=-1).mean()) / spacing)
+        field = sitk.DisplacementFieldTransform(sitk.Cast(result.displacement, sitk.sitkVectorFloat64))
+        dices.append(heatmaps.mean_dice(pair.fixed_labels, pair.fixed_labels, field, sorted(pair.label_names)))
+    return {"aligned_motion_voxels": float(np.mean(lengths)), "aligned_dice": float(np.mean(dices))}
+
+
 def score(model, pairs, queries: int) -> dict:
     records = [heatmaps.evaluate(pair, model.eval(), queries) for pair in pairs]
     return {"dice_before": float(np.mean([r["dice_before"] for r in records])),
@@ -54,6 +75,7 @@ def score(model, pairs, queries: int) -> dict:
             "pairs": len(records),
             "heatmap_median_voxels": float(np.median([r["multi"]["median_voxels"] for r in records])),
             "folding": float(np.mean([r["folding"] for r in records])),
+            **aligned_motion(model, pairs),
             "per_pair": {r["pair"]: {"dice_before": r["dice_before"], "dice_network": r["dice_network"],
                                      "heatmap_median_voxels": r["multi"]["median_voxels"]} for r in records}}
 
@@ -124,9 +146,15 @@ def main(argv=None):
     record("random init", 0, heatmaps.random_model(trained))
 
     header = ["checkpoint", "step", "mean Dice before → network", "pairs above before", "heatmap median voxels",
-              "folding %"]
+              "folding %", "aligned pairs: motion voxels / Dice"]
+
+    def aligned(r):  # rows measured before this column existed have none
+        return (f"{r['aligned_motion_voxels']:.2f} / {r['aligned_dice']:.3f}"
+                if "aligned_motion_voxels" in r else "–")
+
     rows = [[r["name"], str(r["step"]), f"{r['dice_before']:.3f} → {r['dice_network']:.3f}",
-             f"{r['pairs_above_before']}/{r['pairs']}", f"{r['heatmap_median_voxels']:.2f}", f"{100 * r['folding']:.2f}"]
+             f"{r['pairs_above_before']}/{r['pairs']}", f"{r['heatmap_median_voxels']:.2f}", f"{100 * r['folding']:.2f}",
+             aligned(r)]
             for r in [done["shipped"], done["random init"]] + candidates]
     print(markdown_table(header, rows))
     eligible = [r for r in candidates if r["folding"] < FOLDING_LIMIT]

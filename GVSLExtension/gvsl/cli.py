@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(soft-argmax of stride-4 feature similarity, affine fitted to it; see gvsl.network)")
     p.add_argument("--field-weight", type=_non_negative, default=1.0,
                    help="weight of the known-field loss on those pairs (default 1)")
+    p.add_argument("--contrast-weight", type=_non_negative, default=0.0,
+                   help="weight of the dense descriptor InfoNCE on those pairs (SAM-style: a voxel's heatmap "
+                        "descriptor must match its known correspondent over near and far negatives; default 0)")
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
                    help="constant --lr, or cosine from --lr down to --lr-final over --iters")
     p.add_argument("--lr-final", type=_non_negative, default=1e-5, help="last learning rate of the cosine schedule")
@@ -264,6 +267,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  matching=args.matching, lr_schedule=args.lr_schedule, lr_final=args.lr_final,
                                  pairs_within=args.pairs_within)
             cfg.weights["field"] = args.field_weight
+            cfg.weights["contrast"] = args.contrast_weight
             cfg.known.update(dict(args.known))
             run_pretrain(cfg, progress=args.progress)
         elif args.command == "match":

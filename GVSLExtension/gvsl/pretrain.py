@@ -139,7 +139,7 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
         write_json_atomic(run_dir / "config.json", asdict(cfg))
 
     net = ddp.wrap(model)
-    criterion = GVSLLoss(LossWeights(**cfg.weights))
+    criterion = GVSLLoss(LossWeights(**cfg.weights), seed=cfg.seed + ddp.rank)
     clock = EtaClock(start_step, cfg.iters)
     reporter.event("start", step=start_step, total=cfg.iters, run_dir=str(run_dir), device=str(device),
                    world_size=ddp.world, volumes=len(report.used), skipped=report.skipped,

@@ -211,18 +211,57 @@ def _reduced(image: sitk.Image, spacing_xyz) -> sitk.Image:
 # --------------------------------------------------------------------- similarity
 
 
-def _box_mean_valid(volume: torch.Tensor, window: int) -> torch.Tensor:
+def _running_sum(volume: torch.Tensor, axis: int) -> torch.Tensor:
+    """``volume.cumsum(axis)``. Along the outermost spatial axis of a large volume, one in-place
+    add per slice: torch's cumsum took about twice as long there as along the other axes
+    (2.0 against 0.8-1.2 ms on a 3 x 90 x 108 x 90 volume, 2-core CPU, measured), the slice
+    adds 1.1 ms; a small volume keeps cumsum, whose call costs less than the loop's."""
+    if axis != 2 or volume.numel() < (1 << 20) or volume.requires_grad:
+        return volume.cumsum(axis)
+    sums = volume.clone()
+    previous = sums.select(axis, 0)
+    for i in range(1, sums.shape[axis]):
+        current = sums.select(axis, i)
+        current.add_(previous)
+        previous = current
+    return sums
+
+
+def _box_sum_along(volume: torch.Tensor, axis: int, window: int, full: bool) -> torch.Tensor:
+    """Sums over ``window`` neighbours along ``axis`` by running sums: only where the window fits
+    (the axis shrinks by ``window - 1``), or ``full`` (zero outside, the axis grows by ``window - 1``:
+    the adjoint of the first). Written into one output, without padding, which costs as much as
+    the sums themselves."""
+    n = volume.shape[axis]
+    if full and window > n:  # rare (a level thinner than the window): pad, then the valid sums
+        pads = [0] * 6
+        pads[2 * (4 - axis)] = pads[2 * (4 - axis) + 1] = window - 1
+        return _box_sum_along(F.pad(volume, pads), axis, window, full=False)
+    if window > n:
+        raise ValueError(f"a {window}-voxel window does not fit a {n}-voxel axis")
+    sums = _running_sum(volume, axis)
+    size = n + window - 1 if full else n - window + 1
+    out = sums.new_empty(*sums.shape[:axis], size, *sums.shape[axis + 1:])
+    inner = n - window  # outputs that are a difference of two running sums
+    if full:
+        out.narrow(axis, 0, window).copy_(sums.narrow(axis, 0, window))
+        torch.sub(sums.narrow(axis, window, inner), sums.narrow(axis, 0, inner), out=out.narrow(axis, window, inner))
+        tail = sums.narrow(axis, n - 1, 1)
+        torch.sub(tail, sums.narrow(axis, inner, window - 1), out=out.narrow(axis, n, window - 1))
+    else:
+        out.narrow(axis, 0, 1).copy_(sums.narrow(axis, window - 1, 1))
+        torch.sub(sums.narrow(axis, window, inner), sums.narrow(axis, 0, inner), out=out.narrow(axis, 1, inner))
+    return out
+
+
+def _box_mean_valid(volume: torch.Tensor, window: int, full: bool = False) -> torch.Tensor:
     """Mean over ``window``^3 boxes where the box fits (each side shrinks by ``window - 1``),
     by running sums: the same cost for any window; on the CPU several times faster than
-    MONAI's convolution-based LNCC filter (measured)."""
+    MONAI's convolution-based LNCC filter (measured). ``full``: the zero-padded adjoint."""
     out = volume
     for axis in (2, 3, 4):
-        pads = [0] * 6
-        pads[2 * (4 - axis)] = 1
-        out = F.pad(out, pads).cumsum(axis)  # a leading zero: box sums are differences
-        n = out.shape[axis]
-        out = (out.narrow(axis, window, n - window) - out.narrow(axis, 0, n - window)) / window
-    return out
+        out = _box_sum_along(out, axis, window, full)
+    return out / float(window ** 3)
 
 
 class _BoxMean(torch.autograd.Function):
@@ -238,8 +277,7 @@ class _BoxMean(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        pad = ctx.window - 1
-        return _box_mean_valid(F.pad(grad_output, [pad, pad] * 3), ctx.window), None
+        return _box_mean_valid(grad_output, ctx.window, full=True), None
 
 
 def box_filter(volume: torch.Tensor, window: int, same_size: bool = False) -> torch.Tensor:

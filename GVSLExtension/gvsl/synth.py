@@ -58,6 +58,11 @@ class KnownPairConfig:
     # background), as a skull-stripped brain against a whole head: content that is missing is
     # no reason to move (0 = off, the shipped recipe).
     strip_fraction: float = 0.0
+    # Samples whose whole transform (every affine range and the elastic amplitude) is scaled by
+    # u^2, u uniform in [0, 1]: pairs already close to aligned, as two scans in one scanner
+    # space or a second pass of the network. Without them the ranges above almost never draw a
+    # near-identity transform, and the network moved pairs that needed no motion (0 = off).
+    aligned_fraction: float = 0.0
     labels: Sequence[int] = (6, 16)       # label count range of a synthetic map
 
     def to_json(self) -> dict:
@@ -87,20 +92,26 @@ def random_known_flow(n: int, shape: Sequence[int], config: KnownPairConfig, gen
     """(flow, affine_flow, affine): a random ``T(p) = A(p + u(p))`` as displacements
     (n, 3, *shape) in voxels, with its affine part alone and the (n, 3, 4) centred affine."""
     rotation = _uniform((n, 3), -1, 1, generator, device) * math.radians(config.rotation_deg)
-    scale = 1 + _uniform((n, 3), -config.scale, config.scale, generator, device)
+    scale = _uniform((n, 3), -config.scale, config.scale, generator, device)
     shear = _uniform((n, 6), -config.shear, config.shear, generator, device)
     translation = _uniform((n, 3), -config.translation_voxels, config.translation_voxels, generator, device)
-    affine = affine_from_parameters(rotation, scale, translation, shear)
+    magnitude = torch.ones((n, 1), device=device)
+    if config.aligned_fraction > 0:  # drawn only when on: the older recipes keep their random streams
+        near = _uniform((n, 1), 0.0, 1.0, generator, device) < config.aligned_fraction
+        magnitude = torch.where(near, _uniform((n, 1), 0.0, 1.0, generator, device) ** 2, magnitude)
+        rotation, scale, shear, translation = (v * magnitude for v in (rotation, scale, shear, translation))
+    affine = affine_from_parameters(rotation, 1 + scale, translation, shear)
     field = smooth_noise(n, 3, shape, config.elastic_control_voxels, generator, device)
     # Normalise the std per sample (smoothing shrinks it), then draw the sample's amplitude.
     field = field / field.flatten(1).std(dim=1).clamp_min(1e-6).view(n, 1, 1, 1, 1)
-    amplitude = _uniform((n,), 0.0, 1.0, generator, device) * config.elastic_voxels
+    amplitude = _uniform((n,), 0.0, 1.0, generator, device) * config.elastic_voxels * magnitude.view(n)
     elastic = field * amplitude.view(n, 1, 1, 1, 1)
     if config.coarse_elastic_voxels > 0:
         coarse = smooth_noise(n, 3, shape, config.coarse_control_voxels, generator, device)
         coarse = coarse / coarse.flatten(1).std(dim=1).clamp_min(1e-6).view(n, 1, 1, 1, 1)
         drawn = (_uniform((n,), 0.0, 1.0, generator, device) < config.coarse_fraction).float()
-        coarse_amplitude = _uniform((n,), 0.0, 1.0, generator, device) * config.coarse_elastic_voxels * drawn
+        coarse_amplitude = (_uniform((n,), 0.0, 1.0, generator, device) * config.coarse_elastic_voxels * drawn
+                            * magnitude.view(n))
         elastic = elastic + coarse * coarse_amplitude.view(n, 1, 1, 1, 1)
     return compose_affine_then_local(affine, elastic), affine_to_flow(affine, shape), affine
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,6 +249,36 @@ class GVSLLogic:
     def __init__(self, scene):
         self.scene = scene
         self.lastMatch: Optional[_LastMatch] = None
+        self.lastMatchFolder: Optional[Path] = None  # what the last match's heatmaps read (state.npz)
+        # Folders this logic made under the system's temporary directory, per job kind: each
+        # holds a job's inputs and outputs (hundreds of MB for a CT pair) and goes once it is
+        # no longer read (see removeTemporaryFolders).
+        self.temporaryFolders: Dict[str, List[Path]] = {}
+
+    def _temporaryFolder(self, kind: str) -> Path:
+        folder = Path(tempfile.mkdtemp(prefix=f"gvsl-{kind}-"))
+        self.temporaryFolders.setdefault(kind, []).append(folder)
+        return folder
+
+    def removeTemporaryFolders(self, kind: Optional[str] = None, keepLastMatch: bool = True) -> List[str]:
+        """Delete the temporary folders this logic made (of one job ``kind``, or all), except
+        the one the last match's heatmaps still read from (unless ``keepLastMatch`` is False).
+        Never call it for a kind whose job is running: its child writes there. Returns the
+        folders removed; folders given by the caller (``workFolder``) are never touched."""
+        removed = []
+        for name in ([kind] if kind else list(self.temporaryFolders)):
+            kept = []
+            for folder in self.temporaryFolders.get(name, []):
+                last = self.lastMatchFolder
+                if keepLastMatch and last is not None and (last == folder or folder in last.parents):
+                    kept.append(folder)
+                    continue
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(str(folder))
+            self.temporaryFolders[name] = kept
+        if not keepLastMatch and self.lastMatchFolder is not None and str(self.lastMatchFolder.parent) in removed:
+            self.lastMatch, self.lastMatchFolder = None, None
+        return removed
 
     # -------------------------------------------------------------- match pair
     def matchPair(self, fixedVolumeNode, movingVolumeNode, checkpoint=None, device="auto", preset="auto",
@@ -284,8 +315,12 @@ class GVSLLogic:
     def matchJob(self, fixedVolumeNode, movingVolumeNode, checkpoint=None, device="auto", preset="auto",
                  workFolder=None, refineIterations=None, similarity="lncc", timeBudgetSeconds=None,
                  precision="auto") -> Tuple[GVSLJob, str]:
-        """A not yet started child process that matches the pair into ``workFolder``/result."""
-        folder = Path(workFolder or tempfile.mkdtemp(prefix="gvsl-match-"))
+        """A not yet started child process that matches the pair into ``workFolder``/result.
+        Without ``workFolder`` a temporary folder; the earlier matches' temporary folders go,
+        except the one the last match's heatmaps read (a panel runs one match at a time)."""
+        if workFolder is None:
+            self.removeTemporaryFolders("match")
+        folder = Path(workFolder) if workFolder else self._temporaryFolder("match")
         fixed_path, moving_path = self.writeMatchInputs(fixedVolumeNode, movingVolumeNode, folder / "inputs")
         checkpoint = absolute_path(checkpoint) if checkpoint else checkpoint
         args = match_arguments(fixed_path, moving_path, folder / "result", checkpoint, device, preset,
@@ -320,6 +355,7 @@ class GVSLLogic:
         imported = self._importNodes(fixedVolumeNode, movingVolumeNode, np.asarray(metrics["affine_matrix_lps"]),
                                      sitk.ReadImage(str(residual_path)), read("warped"), read("jacobian"), metrics)
         self.lastMatch = _LastMatch(fixedVolumeNode.GetID(), movingVolumeNode.GetID(), load=load)
+        self.lastMatchFolder = folder
         return imported
 
     def importMatchResult(self, result: "MatchResult", fixedVolumeNode, movingVolumeNode) -> MatchPairResult:
@@ -329,6 +365,7 @@ class GVSLLogic:
                                      dict(result.metrics))
         imported.engineResult = result
         self.lastMatch = _LastMatch(fixedVolumeNode.GetID(), movingVolumeNode.GetID(), result=result)
+        self.lastMatchFolder = None  # the features are in memory
         return imported
 
     def _importNodes(self, fixedVolumeNode, movingVolumeNode, affine_lps, residual_lps, warped, jacobian,
@@ -542,7 +579,9 @@ class GVSLLogic:
     def segmentJob(self, volumeNode, checkpoint, device="auto", workFolder=None) -> Tuple[GVSLJob, str]:
         """A not yet started ``gvsl segment`` child process for ``volumeNode``; returns the job
         and the label map path it writes (see :meth:`importSegmentation`)."""
-        folder = Path(workFolder or tempfile.mkdtemp(prefix="gvsl-segment-"))
+        if workFolder is None:
+            self.removeTemporaryFolders("segment")  # earlier segmentations, imported or failed
+        folder = Path(workFolder) if workFolder else self._temporaryFolder("segment")
         folder.mkdir(parents=True, exist_ok=True)
         image_path, labels_path = folder / "image.nrrd", folder / "labels.nrrd"
         sitk.WriteImage(mrml_io.volume_to_image(volumeNode), str(image_path))
