@@ -1,5 +1,6 @@
 """The network, its Z-matching head and loading of official weights."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,25 @@ def test_export_drops_optimizer_state_and_still_loads(tmp_path):
     assert gvsl.load_model(slim).load_report.random_init == []
 
 
+def test_export_sets_the_match_window_of_a_correlation_model_only(tmp_path):
+    from gvsl.checkpoint import FORMAT, CheckpointError, export_weights, read_checkpoint, save_atomic
+    from gvsl.cli import main
+    model = gvsl.GVSL(width=0.25, matching="correlation")
+    source = save_atomic({"format": FORMAT, "format_version": 1, "kind": "pretrain", "model": model.config,
+                          "state_dict": model.state_dict(), "step": 3}, tmp_path / "corr.pt")
+    assert main(["export", str(source), str(tmp_path / "w1.pt"), "--match-window", "1"]) == 0
+    assert gvsl.load_model(tmp_path / "w1.pt").match_window == 1
+    assert "match_window" not in read_checkpoint(export_weights(tmp_path / "w1.pt", tmp_path / "w0.pt", None))["model"]
+    assert read_checkpoint(export_weights(tmp_path / "w1.pt", tmp_path / "kept.pt"))["model"]["match_window"] == 1
+    official = save_atomic({"format": FORMAT, "format_version": 1, "kind": "pretrain",
+                            "model": gvsl.GVSL(width=0.25).config, "state_dict": gvsl.GVSL(width=0.25).state_dict()},
+                           tmp_path / "official_head.pt")
+    with pytest.raises(CheckpointError, match="correlation head"):
+        export_weights(official, tmp_path / "x.pt", 1)
+    with pytest.raises(ValueError, match="match_window"):
+        export_weights(source, tmp_path / "x.pt", 5)
+
+
 def _saved_model(path, width=0.25, seed=0, step=1):
     from gvsl.checkpoint import FORMAT, save_atomic
     torch.manual_seed(seed)
@@ -238,6 +258,35 @@ def test_correlation_flow_finds_a_known_shift_and_fit_affine_recovers_an_affine(
     assert torch.allclose(fit_affine(dense, torch.ones(1, 1, 10, 12, 14)), affine, atol=1e-4)
 
 
+def test_local_soft_argmax_is_not_pulled_by_similar_cells_farther_away():
+    """Smooth features (neighbouring cells alike, as a decoder's are) against themselves: over the
+    whole search the softmax weight of similar cells on one side of the volume's border pulls the
+    answer off zero; within one cell of the best match it stays near zero. A known shift is still
+    found, and the confidence is that of the whole search."""
+    import torch.nn.functional as F
+    from gvsl.network import correlation_flow
+    torch.manual_seed(0)
+    smooth = F.avg_pool3d(torch.randn(1, 16, 14, 14, 14), 7, 1, 3)
+    temperature = torch.tensor(0.05)
+    whole, confidence = correlation_flow(smooth, smooth, 3, temperature)
+    local, local_confidence = correlation_flow(smooth, smooth, 3, temperature, window=1)
+    assert float(local.norm(dim=1).mean()) < 0.5 * float(whole.norm(dim=1).mean())
+    assert torch.equal(confidence, local_confidence)
+    distinct = torch.randn(1, 16, 12, 12, 12)
+    shifted = torch.roll(distinct, shifts=(-1, 2, 0), dims=(2, 3, 4))
+    found, _ = correlation_flow(shifted, distinct, 3, torch.tensor(0.01), window=1)
+    inner = found[:, :, 3:-3, 3:-3, 3:-3]
+    assert torch.allclose(inner, torch.tensor([1.0, -2.0, 0.0]).view(1, 3, 1, 1, 1).expand_as(inner), atol=1e-3)
+    # It trains: finite gradients for the features and the temperature (a masked -inf divided by the
+    # temperature gave it NaN, and the mixed-precision scaler then skipped every step).
+    log_temperature = torch.tensor(math.log(0.05), requires_grad=True)
+    features = smooth.clone().requires_grad_(True)
+    flow, _ = correlation_flow(features, torch.roll(smooth, 1, 2), 3, log_temperature.exp(), window=1)
+    flow.square().mean().backward()
+    assert torch.isfinite(log_temperature.grad) and float(log_temperature.grad) != 0.0
+    assert torch.isfinite(features.grad).all() and float(features.grad.abs().sum()) > 0
+
+
 def test_correlation_matching_keeps_the_output_contract_and_round_trips(tmp_path):
     from gvsl.checkpoint import load_model
     from gvsl.conventions import compose_affine_then_local
@@ -252,8 +301,19 @@ def test_correlation_matching_keeps_the_output_contract_and_round_trips(tmp_path
     torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "pretrain", "model": model.config,
                 "state_dict": model.state_dict()}, path)
     loaded = load_model(path)
-    assert loaded.matching == "correlation"
+    assert loaded.matching == "correlation" and loaded.match_window is None
     with torch.no_grad():
         assert torch.allclose(loaded(a, b).flow, out.flow, atol=1e-5)
     with pytest.raises(ValueError, match="matching"):
         GVSL(width=0.25, matching="nearest")
+    # The local soft-argmax window travels with the weights (the same weights, another answer).
+    windowed = GVSL(width=0.25, matching="correlation", match_window=1).eval()
+    windowed.load_state_dict(model.state_dict())
+    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "pretrain", "model": windowed.config,
+                "state_dict": windowed.state_dict()}, path)
+    loaded = load_model(path)
+    assert loaded.match_window == 1
+    with torch.no_grad():
+        assert torch.allclose(loaded(a, b).flow, windowed(a, b).flow, atol=1e-5)
+    with pytest.raises(ValueError, match="match_window"):
+        GVSL(width=0.25, matching="correlation", match_window=4)

@@ -416,3 +416,13 @@ def test_diverged_weights_never_overwrite_the_last_checkpoint(pretrained_run, tm
         check_finite_losses({"ncc": float("nan"), "mse": 0.1}, 3, run)
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"]
+
+
+def test_a_run_whose_every_step_is_skipped_stops_with_a_clear_error(tmp_path):
+    """The mixed-precision scaler skips steps with non-finite gradients and halves its scale; a
+    scale that collapsed means no step changed the weights for dozens of steps."""
+    from gvsl.runtime import TrainingDivergedError, check_grad_scale
+    check_grad_scale(65536.0, 10, tmp_path)
+    check_grad_scale(0.5, 10, tmp_path)  # some skipped steps (overflows) are normal
+    with pytest.raises(TrainingDivergedError, match=r"step 40: the gradients were not finite .* scale 0\)"):
+        check_grad_scale(0.0, 40, tmp_path)

@@ -217,14 +217,30 @@ def load_state_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], path
     return LoadReport(str(path), source, loaded=sorted(state), random_init=missing)
 
 
-def export_weights(source, target) -> Path:
-    """A checkpoint without optimizer and sampler state, for sharing and shipping."""
+def export_weights(source, target, match_window="keep") -> Path:
+    """A checkpoint without optimizer and sampler state, for sharing and shipping.
+    ``match_window`` (an int, or None for the whole search) sets the correlation head's local
+    soft-argmax window of a pre-training checkpoint (:func:`gvsl.network.correlation_flow`):
+    the same weights, matched differently; "keep" leaves it as it is."""
     ckpt = read_checkpoint(source)
     if ckpt["format"] != FORMAT:
         raise CheckpointError(f"{source}: not one of our checkpoints")
     keep = ("format", "format_version", "kind", "model", "state_dict", "step", "config", "preprocessing",
             "classes", "mode", "init", "best_val_dice", "averaged_from")
-    return save_atomic({k: v for k, v in ckpt.items() if k in keep}, target, verify=True)
+    exported = {k: v for k, v in ckpt.items() if k in keep}
+    if match_window != "keep":
+        model = dict(exported.get("model") or {})
+        if model.get("matching") != "correlation" or exported.get("kind") == "finetune":
+            raise CheckpointError(f"{source}: a match window needs a pre-training checkpoint with the correlation "
+                                  f"head (this one: {exported.get('kind')}, matching {model.get('matching', 'official')})")
+        if match_window is None:
+            model.pop("match_window", None)
+        else:
+            from .network import GVSL
+            GVSL(width=model.get("width", 1.0), matching="correlation", match_window=match_window)  # validates
+            model["match_window"] = int(match_window)
+        exported["model"] = model
+    return save_atomic(exported, target, verify=True)
 
 
 def average_weights(sources, target) -> Path:
@@ -286,7 +302,8 @@ def load_model(path, device="cpu"):
         if ckpt.get("kind") == "finetune":
             state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
             state = {"unet." + k: v for k, v in state.items()}
-        model = GVSL(**{k: v for k, v in ckpt["model"].items() if k in ("width", "in_channels", "matching")})
+        model = GVSL(**{k: v for k, v in ckpt["model"].items()
+                        if k in ("width", "in_channels", "matching", "match_window")})
         report = load_state_into(model, state, path, "gvsl")
     else:
         state = normalize_official_keys(ckpt["state_dict"])

@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matching", default="official", choices=["official", "correlation"],
                    help="Z-matching head: official (affine regressed from the bottleneck) or correlation "
                         "(soft-argmax of stride-4 feature similarity, affine fitted to it; see gvsl.network)")
+    p.add_argument("--match-window", type=int, default=None, choices=[0, 1, 2, 3], metavar="CELLS",
+                   help="correlation head: take the soft-argmax only within this many cells of the best match "
+                        "(a local soft-argmax; default: over the whole +-3-cell search, as before)")
     p.add_argument("--field-weight", type=_non_negative, default=1.0,
                    help="weight of the known-field loss on those pairs (default 1)")
     p.add_argument("--contrast-weight", type=_non_negative, default=0.0,
@@ -191,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one checkpoint, or several of one architecture whose weights are averaged "
                         "(e.g. runs/r/checkpoints/step_00018*.pt step_00019*.pt)")
     p.add_argument("target")
+    p.add_argument("--match-window", default="keep", choices=["keep", "none", "0", "1", "2", "3"],
+                   help="set the correlation head's local soft-argmax window (cells) of one exported checkpoint; "
+                        "none = the whole search (default: keep the checkpoint's)")
 
     p = sub.add_parser("segment", help="segment a volume with a fine-tuned checkpoint")
     p.add_argument("image", help="the volume to segment (any format SimpleITK reads: .nii.gz, .nrrd, ...), "
@@ -264,7 +270,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  log_every=args.log_every, preset=args.preset, spacing=args.spacing,
                                  cache_dir=args.cache_dir, resume=args.resume, init=args.init,
                                  augment=not args.no_augment, known_pairs=args.known_pairs,
-                                 matching=args.matching, lr_schedule=args.lr_schedule, lr_final=args.lr_final,
+                                 matching=args.matching, match_window=args.match_window,
+                                 lr_schedule=args.lr_schedule, lr_final=args.lr_final,
                                  pairs_within=args.pairs_within)
             cfg.weights["field"] = args.field_weight
             cfg.weights["contrast"] = args.contrast_weight
@@ -283,8 +290,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             finetune_cli(args)
         elif args.command == "export":
             from .checkpoint import average_weights, export_weights
+            window = {"keep": "keep", "none": None}.get(args.match_window, args.match_window)
             if len(args.sources) == 1:
-                print(export_weights(args.sources[0], args.target))
+                print(export_weights(args.sources[0], args.target,
+                                     int(window) if isinstance(window, str) and window.isdigit() else window))
+            elif window != "keep":
+                raise ValueError("--match-window applies to one exported checkpoint; average first, then export it")
             else:
                 print(average_weights(args.sources, args.target))
         elif args.command == "segment":

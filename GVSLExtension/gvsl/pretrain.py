@@ -14,7 +14,8 @@ from .checkpoint import FORMAT, FORMAT_VERSION
 from .data import PairSampler, load_training_volumes
 from .losses import GVSLLoss, LossWeights
 from .network import GVSL
-from .runtime import (Distributed, EtaClock, MetricsLog, Reporter, StopFlag, check_finite_losses, check_training_patch,
+from .runtime import (Distributed, EtaClock, MetricsLog, Reporter, StopFlag, check_finite_losses, check_grad_scale,
+                      check_training_patch,
                       error_events, gather_sampler_states, prepare_run_dir, resolve_precision, resume_state,
                       run_folder_lock, write_checkpoint)
 from .safe_io import finite_or_none, write_json_atomic
@@ -48,6 +49,7 @@ class PretrainConfig:
     known_pairs: float = 0.0
     known: dict = field(default_factory=lambda: KnownPairConfig().to_json())
     matching: str = "official"  # Z-matching head: official | correlation (see network.GVSL)
+    match_window: Optional[int] = None  # correlation head: local soft-argmax window (network.correlation_flow)
     # constant, or cosine from lr down to lr_final over the run: a step-wise function of the
     # step, so a resumed run continues the same curve.
     lr_schedule: str = "constant"
@@ -89,7 +91,7 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
     arrays, report = load_training_volumes(cfg.data, cfg.preset, cfg.spacing, cache_dir, log=log)
 
     torch.manual_seed(cfg.seed)
-    model = GVSL(width=cfg.width, matching=cfg.matching).to(device)
+    model = GVSL(width=cfg.width, matching=cfg.matching, match_window=cfg.match_window).to(device)
     if cfg.init:
         from .checkpoint import load_model
         from .checkpoint import CheckpointError
@@ -211,6 +213,8 @@ def _run(cfg: PretrainConfig, ddp: Distributed, reporter: Reporter) -> dict:
                 if scaler.is_enabled():  # a falling scale means steps skipped for non-finite gradients
                     record["grad_scale"] = scaler.get_scale()
                 metrics.write(finite_or_none(record))
+                if "grad_scale" in record:
+                    check_grad_scale(record["grad_scale"], step, run_dir)
                 reporter.event("progress", step=step, total=cfg.iters, loss=values, eta_s=clock.eta(step),
                                samples_per_s=record["samples_per_s"])
             if ddp.any_flag(stop.requested):

@@ -425,6 +425,21 @@ def check_finite_losses(values: dict, step: int, run_dir: Path):
                                     f"resume with a lower --lr")
 
 
+# The mixed-precision scaler halves its scale at every step whose gradients are not finite and
+# skips that step; from its initial 2^16, a scale under this means 26 skipped steps in a row.
+COLLAPSED_GRAD_SCALE = 2.0 ** -10
+
+
+def check_grad_scale(scale: float, step: int, run_dir: Path):
+    """A run whose every step is skipped for non-finite gradients would otherwise go on, log
+    falling losses of a model that never changes, and save the same weights again and again."""
+    if scale < COLLAPSED_GRAD_SCALE:
+        raise TrainingDivergedError(f"step {step}: the gradients were not finite for many steps in a row "
+                                    f"(mixed-precision scale {scale:.3g}): no step changed the weights since; "
+                                    f"{run_dir / 'checkpoints' / 'last.pt'} keeps the last saved ones. Try "
+                                    f"--precision fp32 to see which loss term gives the non-finite gradient")
+
+
 def write_checkpoint(run_dir: Path, payload: dict, step: int, periodic: bool) -> Path:
     from .checkpoint import non_finite_tensors
     ckpt_dir = run_dir / "checkpoints"
