@@ -260,9 +260,9 @@ def test_correlation_flow_finds_a_known_shift_and_fit_affine_recovers_an_affine(
 
 def test_local_soft_argmax_is_not_pulled_by_similar_cells_farther_away():
     """Smooth features (neighbouring cells alike, as a decoder's are) against themselves: over the
-    whole search the softmax weight of similar cells on one side of the volume's border pulls the
-    answer off zero; within one cell of the best match it stays near zero. A known shift is still
-    found, and the confidence is that of the whole search."""
+    whole search the softmax weight of similar cells on one side (at the volume's border) pulls the
+    answer off zero; mean shift with a one-cell Gaussian brings it back towards zero. A known shift
+    is still found, and the confidence is that of the whole search."""
     import torch.nn.functional as F
     from gvsl.network import correlation_flow
     torch.manual_seed(0)
@@ -277,8 +277,8 @@ def test_local_soft_argmax_is_not_pulled_by_similar_cells_farther_away():
     found, _ = correlation_flow(shifted, distinct, 3, torch.tensor(0.01), window=1)
     inner = found[:, :, 3:-3, 3:-3, 3:-3]
     assert torch.allclose(inner, torch.tensor([1.0, -2.0, 0.0]).view(1, 3, 1, 1, 1).expand_as(inner), atol=1e-3)
-    # It trains: finite gradients for the features and the temperature (a masked -inf divided by the
-    # temperature gave it NaN, and the mixed-precision scaler then skipped every step).
+    # It trains: finite gradients for the features and the temperature (an earlier, masked form gave the
+    # temperature a NaN gradient, and the mixed-precision scaler then skipped every step).
     log_temperature = torch.tensor(math.log(0.05), requires_grad=True)
     features = smooth.clone().requires_grad_(True)
     flow, _ = correlation_flow(features, torch.roll(smooth, 1, 2), 3, log_temperature.exp(), window=1)

@@ -16,11 +16,12 @@ from gvsl.runtime import cpu_has_native_bf16, resolve_precision
 from gvsl.samples import deformed_copy, random_deformation, synthetic_volume
 
 # bf16 against fp32 on the shipped model (correlation matching since issue 15), a 48^3 pair;
-# the model's field reaches 9.5 voxels there. Measured: largest field difference 0.12 voxel,
-# mean 0.015; feature cosine >= 0.9998. The soft-argmax over feature similarities turns the
-# features' tiny bf16 differences into ~1 % of the displacement (the previous model's fields
-# were ~3.5 voxels and within 0.04).
-FIELD_TOLERANCE_MAX_VOXELS = 0.2
+# the model's field reaches 9.5 voxels there. Measured: mean field difference 0.015 voxel, 99.9th
+# percentile 0.09, largest 0.30 (0.14 before the local soft-argmax, whose mean-shift steps sharpen
+# the weights where two offsets nearly tie); feature cosine >= 0.9998. The soft-argmax over feature
+# similarities turns the features' tiny bf16 differences into ~1 % of the displacement.
+FIELD_TOLERANCE_MAX_VOXELS = 0.5
+FIELD_TOLERANCE_P999_VOXELS = 0.15
 FIELD_TOLERANCE_MEAN_VOXELS = 0.03
 FEATURE_COSINE_MIN = 0.995
 FEATURE_COSINE_MEAN = 0.999
@@ -85,6 +86,7 @@ def test_bf16_agrees_with_fp32_within_stated_tolerance(pair):
     assert fp32.flow.abs().max() > 1.0  # a real deformation, not a near-zero field
     difference = (fp32.flow - bf16.flow).abs()
     assert difference.max() < FIELD_TOLERANCE_MAX_VOXELS, float(difference.max())
+    assert difference.flatten().quantile(0.999) < FIELD_TOLERANCE_P999_VOXELS
     assert difference.mean() < FIELD_TOLERANCE_MEAN_VOXELS, float(difference.mean())
     for key in ("features_a", "features_b"):
         cosine = F.cosine_similarity(getattr(fp32, key).float(), getattr(bf16, key).float(), dim=1)

@@ -126,9 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matching", default="official", choices=["official", "correlation"],
                    help="Z-matching head: official (affine regressed from the bottleneck) or correlation "
                         "(soft-argmax of stride-4 feature similarity, affine fitted to it; see gvsl.network)")
-    p.add_argument("--match-window", type=int, default=None, choices=[0, 1, 2, 3], metavar="CELLS",
-                   help="correlation head: take the soft-argmax only within this many cells of the best match "
-                        "(a local soft-argmax; default: over the whole +-3-cell search, as before)")
+    p.add_argument("--match-window", type=int, default=None, choices=[1, 2, 3], metavar="CELLS",
+                   help="correlation head: a local soft-argmax, refined by mean shift with a Gaussian of this many "
+                        "cells (default: the expectation over the whole +-3-cell search, as before)")
     p.add_argument("--field-weight", type=_non_negative, default=1.0,
                    help="weight of the known-field loss on those pairs (default 1)")
     p.add_argument("--contrast-weight", type=_non_negative, default=0.0,
@@ -194,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one checkpoint, or several of one architecture whose weights are averaged "
                         "(e.g. runs/r/checkpoints/step_00018*.pt step_00019*.pt)")
     p.add_argument("target")
-    p.add_argument("--match-window", default="keep", choices=["keep", "none", "0", "1", "2", "3"],
-                   help="set the correlation head's local soft-argmax window (cells) of one exported checkpoint; "
+    p.add_argument("--match-window", default="keep", choices=["keep", "none", "1", "2", "3"],
+                   help="set the correlation head's local soft-argmax window (cells, see pretrain) of one exported checkpoint; "
                         "none = the whole search (default: keep the checkpoint's)")
 
     p = sub.add_parser("segment", help="segment a volume with a fine-tuned checkpoint")
