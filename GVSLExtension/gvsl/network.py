@@ -231,9 +231,13 @@ def correlation_flow(features_a: torch.Tensor, features_b: torch.Tensor, radius:
     confidence = weights.amax(dim=1, keepdim=True)
     flow = torch.einsum("nkdhw,kc->ncdhw", weights, offset)
     if window is not None:
+        # -|o - f|^2 / (2 s^2) = (o . f) / s^2 - |o|^2 / (2 s^2) - |f|^2 / (2 s^2); the last term is
+        # the same for every offset of a cell, so the softmax drops it: no (N, K, 3, d, h, w) tensor.
+        variance = float(window) ** 2
+        offset_prior = (offset ** 2).sum(dim=1).view(1, -1, 1, 1, 1) / (2.0 * variance)
         for _ in range(MEAN_SHIFT_STEPS):
-            distance2 = ((offset.view(1, -1, 3, 1, 1, 1) - flow[:, None]) ** 2).sum(dim=2)  # (N, K, d, h, w)
-            weights = torch.softmax(logits - distance2 / (2.0 * float(window) ** 2), dim=1)
+            towards = torch.einsum("kc,ncdhw->nkdhw", offset, flow) / variance
+            weights = torch.softmax(logits - offset_prior + towards, dim=1)
             flow = torch.einsum("nkdhw,kc->ncdhw", weights, offset)
     return flow, confidence
 
