@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-
 from typing import Optional, Sequence
 
 import torch
@@ -109,9 +108,10 @@ class DescriptorContrastLoss(nn.Module):
             pool = torch.randint(a.numel(), (8 * k,), generator=g)
             weights = 1.0 + 3.0 * (a[pool] > a.min() + 0.05 * (a.max() - a.min())).float()
             flat = pool[torch.multinomial(weights, k, replacement=False, generator=g)]
-            p = torch.stack(torch.unravel_index(flat, shape), dim=1).float()  # (K, 3) voxels of A
+            index = torch.stack(torch.unravel_index(flat, shape), dim=1)  # (K, 3) voxels of A
             flow = truth["flow"][i].detach().float().cpu()
-            q = p + flow[:, flat // (shape[1] * shape[2]), (flat // shape[2]) % shape[1], flat % shape[2]].t()
+            p = index.float()
+            q = p + flow[:, index[:, 0], index[:, 1], index[:, 2]].t()
             inside = ((q >= 0) & (q <= limit)).all(1)
             if int(inside.sum()) < 2:
                 continue
