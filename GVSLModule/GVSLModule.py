@@ -217,7 +217,7 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self.jobs = {}  # "match" | "pretrain" | "finetune" | "segment" -> (GVSLJob, on_done)
         self.queryNode = None
-        self.lossTable = None
+        self.lossTables = {}  # job name -> its loss curve's table node
         self.deviceProbe = None
         # Installing packages runs Qt's event loop for every line of pip's output, so clicks
         # arrive during it; and a modal error dialog inside pollJobs runs the poll timer again.
@@ -560,7 +560,7 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         job = self.logic.core.pretrainJob(data, p.pretrainOutputFolder, p.pretrainPatch, p.pretrainIterations,
                                           p.pretrainBatch, p.pretrainWidth, p.pretrainLearningRate, p.device, resume)
-        self.startLossCurve("GVSL pre-training loss")
+        self.startLossCurve("pretrain", p.pretrainOutputFolder, "GVSL pre-training loss")
         self.startJob("pretrain", job, self.ui.pretrainProgressBar, None, self.ui.pretrainStatusLabel)
 
     def onExportSceneSegmentations(self):
@@ -599,7 +599,7 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         job = self.logic.core.finetuneJob(p.finetuneImagesFolder, p.finetuneLabelsFolder, p.finetuneOutputFolder,
                                           classes, p.finetuneInit or "scratch", p.finetuneMode, p.finetunePatch,
                                           p.finetuneIterations, device=p.device, resume=resume)
-        self.startLossCurve("GVSL fine-tuning loss")
+        self.startLossCurve("finetune", p.finetuneOutputFolder, "GVSL fine-tuning loss")
         best = os.path.join(absolute_path(p.finetuneOutputFolder), "checkpoints", "best.pt")
 
         def done():
@@ -671,7 +671,7 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         loss = ", ".join(f"{k} {v:.4f}" for k, v in event.get("loss", {}).items())
                         job.statusLabel.text = f"step {event['step']}/{event['total']}  {loss}  ETA {eta / 60:.1f} min"
                     if name in ("pretrain", "finetune") and event.get("loss"):
-                        self.appendLoss(event["step"], event["loss"])
+                        self.appendLoss(name, event["step"], event["loss"])
                 elif kind == "validation" and job.statusLabel is not None:
                     job.statusLabel.text = f"validation Dice {event['mean_dice']:.3f} at step {event['step']}"
             job.kill_if_overdue(self.STOP_GRACE_S.get(name, 60))
@@ -711,31 +711,13 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.exception("GVSL")
             slicer.util.errorDisplay(f"GVSL {name}: {exc}")
 
-    def startLossCurve(self, title):
-        self.lossTable = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", title)
-        self.lossTable.AddColumn(vtk.vtkDoubleArray()).SetName("step")
-        self.lossTable.AddColumn(vtk.vtkDoubleArray()).SetName("loss")
-        series = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", title)
-        series.SetAndObserveTableNodeID(self.lossTable.GetID())
-        series.SetXColumnName("step")
-        series.SetYColumnName("loss")
-        series.SetPlotType(series.PlotTypeScatter)
-        chart = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotChartNode", title)
-        chart.AddAndObservePlotSeriesNodeID(series.GetID())
-        chart.SetXAxisTitle("step")
-        chart.SetYAxisTitle("loss")
+    def startLossCurve(self, name, runFolder, title):
+        table, chart = self.logic.core.lossCurve(runFolder, title)
+        self.lossTables[name] = table  # per job: pre-training and fine-tuning may run at once
         slicer.modules.plots.logic().ShowChartInLayout(chart)
 
-    def appendLoss(self, step, losses):
-        if self.lossTable is None:
-            return
-        value = losses.get("total", next(iter(losses.values())))
-        table = self.lossTable.GetTable()
-        row = table.InsertNextBlankRow()
-        table.SetValue(row, 0, vtk.vtkVariant(float(step)))
-        table.SetValue(row, 1, vtk.vtkVariant(float(value)))
-        table.Modified()
-
+    def appendLoss(self, name, step, losses):
+        self.logic.core.appendLoss(self.lossTables.get(name), step, losses)
 
 #
 # Logic

@@ -498,3 +498,28 @@ def test_temporary_job_folders_go_once_nothing_reads_them(scene, tmp_path, monke
     logic.removeTemporaryFolders(keepLastMatch=False)
     assert own.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
     assert logic.lastMatch is None and logic.lastMatchFolder is None
+
+
+def test_loss_curves_are_one_per_run_and_a_resumed_run_continues_its_own(scene, tmp_path):
+    """Each training start used to add a new table, series and chart, and both jobs wrote into
+    whichever curve was started last. Now a run folder has one curve; Resume continues it and
+    replaces the steps the run repeats after its last checkpoint."""
+    logic = GVSLLogic(scene)
+    pretrain_table, pretrain_chart = logic.lossCurve(tmp_path / "pre", "GVSL pre-training loss")
+    finetune_table, _ = logic.lossCurve(tmp_path / "ft", "GVSL fine-tuning loss")
+    assert finetune_table is not pretrain_table
+    for step, loss in ((10, 0.9), (20, 0.8), (30, 0.7)):
+        logic.appendLoss(pretrain_table, step, {"ncc": loss + 1, "total": loss})
+    logic.appendLoss(finetune_table, 5, {"dice": 0.4})  # no total: the first term
+    again, chart = logic.lossCurve(str(tmp_path / "pre"), "GVSL pre-training loss")  # Resume
+    assert (again, chart) == (pretrain_table, pretrain_chart)
+    assert len(mrml_io.nodes_of_class(scene, "vtkMRMLPlotChartNode")) == 2
+    assert len(mrml_io.nodes_of_class(scene, "vtkMRMLPlotSeriesNode")) == 2
+    logic.appendLoss(again, 30, {"total": 0.65})  # resumed from the checkpoint at step 20
+    logic.appendLoss(again, 40, {"total": 0.6})
+    table = again.GetTable()
+    points = [(table.GetValue(r, 0).ToDouble(), table.GetValue(r, 1).ToDouble()) for r in range(table.GetNumberOfRows())]
+    assert points == [(10.0, 0.9), (20.0, 0.8), (30.0, 0.65), (40.0, 0.6)]
+    assert finetune_table.GetTable().GetValue(0, 1).ToDouble() == pytest.approx(0.4)
+    series = chart.GetNthPlotSeriesNode(0)
+    assert series.GetTableNodeID() == again.GetID() and series.GetXColumnName() == "step"

@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
+import vtk
 
 from gvsl.stopfile import STOP_FILE_NAME  # torch-free
 
@@ -527,6 +528,53 @@ class GVSLLogic:
         if resume:
             args.append("--resume")
         return GVSLJob(args, stop_file=Path(outputFolder) / STOP_FILE_NAME)
+
+    LOSS_CURVE_ATTRIBUTE = "GVSL.lossCurveRun"
+
+    def lossCurve(self, runFolder, title) -> Tuple[object, object]:
+        """(table node, chart node) of the loss curve of the training run in ``runFolder``: the
+        ones already in the scene for that run (a resumed run continues its curve, in its chart),
+        else a new table (columns step, loss), scatter series and chart."""
+        run = absolute_path(runFolder)
+        table = chart = None
+        for node in mrml_io.nodes_of_class(self.scene, "vtkMRMLTableNode"):
+            if node.GetAttribute(self.LOSS_CURVE_ATTRIBUTE) == run:
+                table = node
+        for node in mrml_io.nodes_of_class(self.scene, "vtkMRMLPlotChartNode"):
+            if node.GetAttribute(self.LOSS_CURVE_ATTRIBUTE) == run:
+                chart = node
+        if table is not None and chart is not None:
+            return table, chart
+        table = self.scene.AddNewNodeByClass("vtkMRMLTableNode", title)
+        table.SetAttribute(self.LOSS_CURVE_ATTRIBUTE, run)
+        for name in ("step", "loss"):
+            table.AddColumn(vtk.vtkDoubleArray()).SetName(name)
+        series = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", title)
+        series.SetAndObserveTableNodeID(table.GetID())
+        series.SetXColumnName("step")
+        series.SetYColumnName("loss")
+        series.SetPlotType(series.PlotTypeScatter)
+        chart = self.scene.AddNewNodeByClass("vtkMRMLPlotChartNode", title)
+        chart.SetAttribute(self.LOSS_CURVE_ATTRIBUTE, run)
+        chart.AddAndObservePlotSeriesNodeID(series.GetID())
+        chart.SetXAxisTitle("step")
+        chart.SetYAxisTitle("loss")
+        return table, chart
+
+    @staticmethod
+    def appendLoss(tableNode, step, losses: Dict[str, float]):
+        """One point (step, total loss) on a loss curve. A resumed run repeats the steps logged
+        after its last checkpoint: the curve's points from ``step`` on are replaced, not doubled."""
+        if tableNode is None or not losses:
+            return
+        value = losses.get("total", next(iter(losses.values())))
+        table = tableNode.GetTable()
+        while table.GetNumberOfRows() and table.GetValue(table.GetNumberOfRows() - 1, 0).ToDouble() >= step:
+            table.RemoveRow(table.GetNumberOfRows() - 1)
+        row = table.InsertNextBlankRow()
+        table.SetValue(row, 0, vtk.vtkVariant(float(step)))
+        table.SetValue(row, 1, vtk.vtkVariant(float(value)))
+        table.Modified()
 
     def trainingVolumeNodes(self) -> List:
         """The scene's volumes to pre-train on (see :func:`is_training_volume`)."""
