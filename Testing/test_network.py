@@ -193,6 +193,8 @@ def test_export_sets_the_match_window_of_a_correlation_model_only(tmp_path):
     assert gvsl.load_model(tmp_path / "w1.pt").match_window == 1
     assert "match_window" not in read_checkpoint(export_weights(tmp_path / "w1.pt", tmp_path / "w0.pt", None))["model"]
     assert read_checkpoint(export_weights(tmp_path / "w1.pt", tmp_path / "kept.pt"))["model"]["match_window"] == 1
+    assert main(["export", str(tmp_path / "w1.pt"), str(tmp_path / "none.pt"), "--match-window", "none"]) == 0
+    assert gvsl.load_model(tmp_path / "none.pt").match_window is None
     official = save_atomic({"format": FORMAT, "format_version": 1, "kind": "pretrain",
                             "model": gvsl.GVSL(width=0.25).config, "state_dict": gvsl.GVSL(width=0.25).state_dict()},
                            tmp_path / "official_head.pt")

@@ -233,12 +233,10 @@ def export_weights(source, target, match_window="keep") -> Path:
         if model.get("matching") != "correlation" or exported.get("kind") == "finetune":
             raise CheckpointError(f"{source}: a match window needs a pre-training checkpoint with the correlation "
                                   f"head (this one: {exported.get('kind')}, matching {model.get('matching', 'official')})")
-        if match_window is None:
-            model.pop("match_window", None)
-        else:
-            from .network import GVSL
-            GVSL(width=model.get("width", 1.0), matching="correlation", match_window=match_window)  # validates
-            model["match_window"] = int(match_window)
+        from .network import checked_match_window
+        model.pop("match_window", None)
+        if checked_match_window(match_window) is not None:
+            model["match_window"] = checked_match_window(match_window)
         exported["model"] = model
     return save_atomic(exported, target, verify=True)
 

@@ -290,10 +290,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             finetune_cli(args)
         elif args.command == "export":
             from .checkpoint import average_weights, export_weights
-            window = {"keep": "keep", "none": None}.get(args.match_window, args.match_window)
+            window = args.match_window if args.match_window == "keep" else (
+                None if args.match_window == "none" else int(args.match_window))
             if len(args.sources) == 1:
-                print(export_weights(args.sources[0], args.target,
-                                     int(window) if isinstance(window, str) and window.isdigit() else window))
+                print(export_weights(args.sources[0], args.target, window))
             elif window != "keep":
                 raise ValueError("--match-window applies to one exported checkpoint; average first, then export it")
             else:

@@ -242,6 +242,15 @@ def correlation_flow(features_a: torch.Tensor, features_b: torch.Tensor, radius:
     return flow, confidence
 
 
+def checked_match_window(match_window) -> Optional[int]:
+    """``match_window`` as an int of 1 to ``CORRELATION_RADIUS`` cells, or None (the whole search)."""
+    if match_window is None:
+        return None
+    if not 1 <= int(match_window) <= CORRELATION_RADIUS:
+        raise ValueError(f"match_window must be 1 to {CORRELATION_RADIUS} cells or None, got {match_window!r}")
+    return int(match_window)
+
+
 def fit_affine(flow: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted least-squares centred voxel affine (N, 3, 4) of a displacement (N, 3, D, H, W):
     the ``A`` minimising ``sum w |A(p) - (p + flow(p))|^2`` in the convention of
@@ -283,12 +292,10 @@ class GVSL(nn.Module):
         super().__init__()
         if matching not in MATCHING_MODES:
             raise ValueError(f"matching must be one of {', '.join(MATCHING_MODES)}, got {matching!r}")
-        if match_window is not None and not 1 <= int(match_window) <= CORRELATION_RADIUS:
-            raise ValueError(f"match_window must be 1 to {CORRELATION_RADIUS} cells or None, got {match_window!r}")
         self.width = float(width)
         self.matching = matching
         # Local soft-argmax of the correlation head, in cells (see correlation_flow); None = whole search.
-        self.match_window = None if match_window is None else int(match_window)
+        self.match_window = checked_match_window(match_window)
         chans = scaled_channels(width)
         self.unet = UNetBackbone(in_channels, chans)
         hidden = max(8, int(round(256 * width / 8)) * 8)

@@ -15,9 +15,8 @@ from .data import PairSampler, load_training_volumes
 from .losses import GVSLLoss, LossWeights
 from .network import GVSL
 from .runtime import (Distributed, EtaClock, MetricsLog, Reporter, StopFlag, check_finite_losses, check_grad_scale,
-                      check_training_patch,
-                      error_events, gather_sampler_states, prepare_run_dir, resolve_precision, resume_state,
-                      run_folder_lock, write_checkpoint)
+                      check_training_patch, error_events, gather_sampler_states, prepare_run_dir,
+                      resolve_precision, resume_state, run_folder_lock, write_checkpoint)
 from .safe_io import finite_or_none, write_json_atomic
 from .synth import KnownPairConfig, KnownPairSource
 
