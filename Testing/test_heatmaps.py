@@ -7,6 +7,7 @@ import torch
 
 import gvsl
 from gvsl.descriptors import STRIDES, descriptor_features, similarity
+from gvsl.conventions import transform_points
 from gvsl.heatmap_eval import centroid_queries, heatmap_accuracy
 from gvsl.match import MatchResult, match_pair
 from gvsl.samples import synthetic_volume
@@ -49,7 +50,8 @@ def test_every_decoder_level_is_kept_unit_norm(model, volume):
 def test_identity_pair_measures_zero_error(model, volume):
     result = match_pair(volume[0], volume[0], model, device="cpu", preset="ct", spacing_mm=3.0, max_size=64)
     points = interior_points(result)
-    summary = heatmap_accuracy(result, points, points)
+    # The integer maximum: the sub-voxel peak (tested below) moves an exact answer by a fraction.
+    summary = heatmap_accuracy(result, points, points, subvoxel=False)
     assert summary["median_mm"] == pytest.approx(0.0, abs=1e-6)
     # Coarse levels are normalised on the stride-2 grid (not per working voxel), which moves
     # a few peaks by one voxel.
@@ -66,9 +68,9 @@ def test_known_shift_measures_the_shift(model, volume):
     moving.SetOrigin((np.asarray(fixed.GetOrigin()) + shift).tolist())
     result = match_pair(fixed, moving, model, device="cpu", preset="ct", spacing_mm=3.0, max_size=64)
     points = interior_points(result)
-    summary = heatmap_accuracy(result, points, points + shift)
+    summary = heatmap_accuracy(result, points, points + shift, subvoxel=False)
     assert summary["median_mm"] == pytest.approx(0.0, abs=1e-6)
-    wrong = heatmap_accuracy(result, points, points)  # without the shift the error is the shift
+    wrong = heatmap_accuracy(result, points, points, subvoxel=False)  # without the shift the error is the shift
     assert wrong["median_mm"] == pytest.approx(np.linalg.norm(shift), abs=1e-6)
 
 
@@ -104,7 +106,10 @@ def test_state_file_gives_the_same_heatmap(model, volume, tmp_path):
     point = interior_points(result, count=1)[0]
     a, best_a, score_a = result.heatmap(point, "fixed")
     b, best_b, score_b = loaded.heatmap(point, "fixed")
-    np.testing.assert_allclose(best_a, best_b, atol=1e-6)
+    # Features travel as float16: the same best voxel, and a sub-voxel peak within 5 % of a voxel.
+    np.testing.assert_allclose(result.heatmap(point, "fixed", subvoxel=False)[1],
+                               loaded.heatmap(point, "fixed", subvoxel=False)[1], atol=1e-6)
+    np.testing.assert_allclose(best_a, best_b, atol=0.05 * result.moving_grid.spacing[0])
     np.testing.assert_allclose(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b), atol=5e-3)
 
 
@@ -112,7 +117,7 @@ def test_features_without_coarse_levels_give_the_last_layer_map(model, volume):
     result = match_pair(volume[0], volume[0], model, device="cpu", preset="ct", spacing_mm=3.0, max_size=64)
     only_last = {k: v for k, v in result.features.items() if "@" not in k}
     voxel = np.array([10.0, 12.0, 14.0])
-    sim, best, score = similarity(only_last, "fixed", "moving", voxel)
+    sim, best, score = similarity(only_last, "fixed", "moving", voxel, subvoxel=False)
     direct = torch.einsum("c,cdhw->dhw", only_last["fixed"][:, 10, 12, 14], only_last["moving"])
     np.testing.assert_allclose(sim.numpy(), direct.numpy(), atol=1e-5)
     np.testing.assert_allclose(best, voxel)
@@ -136,3 +141,41 @@ def test_demo_reports_a_peaked_heatmap_at_the_right_place(tmp_path):
     assert heat["points"] == 60
     assert heat["median_voxels"] <= 3.0
     assert heat["peaked_fraction"] < 0.1
+
+
+def test_subvoxel_peak_recovers_a_fractional_maximum():
+    from gvsl.descriptors import subvoxel_peak
+    true_peak = np.array([10.3, 7.8, 5.5])
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in (20, 16, 12)], indexing="ij"), -1)
+    values = torch.from_numpy(np.exp(-((grid - true_peak) ** 2).sum(-1) / (2 * 2.0 ** 2))).float()
+    best = np.unravel_index(int(torch.argmax(values)), values.shape)
+    refined = subvoxel_peak(values, best)
+    assert np.abs(refined - true_peak).max() < 0.1
+    assert np.linalg.norm(refined - true_peak) < 0.5 * np.linalg.norm(np.asarray(best) - true_peak)
+    # On the border (no neighbour on one side) an axis keeps its integer index.
+    edge = torch.from_numpy(np.exp(-((grid - np.array([0.2, 7.8, 5.5])) ** 2).sum(-1) / 8.0)).float()
+    best_edge = np.unravel_index(int(torch.argmax(edge)), edge.shape)
+    assert subvoxel_peak(edge, best_edge)[0] == 0.0
+
+
+def test_heatmap_best_match_is_subvoxel(volume):
+    """The anatomy moves by half a working voxel on the same grid: the integer maximum is
+    half a voxel off at best, the sub-voxel one closer with the shipped model (whose maps
+    are smooth around the peak; a random network's are not, and it gains nothing)."""
+    model = None
+    fixed = volume[0]
+    shift = np.array([0.0, 0.0, 1.5])  # half of a 3 mm working voxel
+    moving = sitk.Resample(fixed, fixed, sitk.TranslationTransform(3, (-shift).tolist()), sitk.sitkBSpline, 0.0)
+    result = match_pair(fixed, moving, model, device="cpu", preset="ct", spacing_mm=3.0, max_size=64)
+    points = interior_points(result)
+    errors_mm = []
+    for subvoxel in (False, True):
+        errors = []
+        for p in points:
+            voxel = transform_points(result.fixed_grid.physical_to_voxel(), p.reshape(1, 3))[0]
+            _, best, _ = similarity(result.features, "fixed", "moving", voxel, subvoxel=subvoxel)
+            best_lps = transform_points(result.moving_grid.voxel_to_physical(), best)
+            errors.append(np.linalg.norm(best_lps - (p + shift)))
+        errors_mm.append(np.median(errors))
+    assert errors_mm[0] >= 1.4  # the integer maximum: half a voxel or more
+    assert errors_mm[1] < errors_mm[0] - 0.2

@@ -165,7 +165,8 @@ def test_import_from_child_process_folder_equals_in_process(matched, tmp_path, w
     heat_a, best_a = logic.similarityHeatmap(ras[0], fixed)
     assert logic.lastMatch.loaded
     _, engine_best, _ = engine.heatmap(lps_to_ras(ras[0]), "fixed")
-    np.testing.assert_allclose(best_a, lps_to_ras(engine_best), atol=1e-4)
+    # The state file keeps features in float16: the sub-voxel peak moves by a few hundredths of a voxel.
+    np.testing.assert_allclose(best_a, lps_to_ras(engine_best), atol=0.05 * min(engine.moving_grid.spacing))
 
 
 def test_segmentation_round_trip_keeps_names_and_voxels(scene, tmp_path):

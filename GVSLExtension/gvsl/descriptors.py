@@ -16,7 +16,10 @@ are computed at each level's own resolution and upsampled, then divided by the l
 upsampled features (one map per level and image, computed once per pair). A query costs
 two full-grid upsamplings of one map (milliseconds at 64^3 on a CPU).
 
-Search: the best match is the maximum of the combined map. A coarse-to-fine search (the
+Search: the best match is the maximum of the combined map, refined to a fraction of a voxel
+by a parabola through it and its neighbours on each axis (:func:`subvoxel_peak`; on the
+benchmark pairs the shipped model's median error fell from 1.24 to 1.13 working voxels, the
+random network's from 2.30 to 2.22). A coarse-to-fine search (the
 combined map picks the region, the levels of stride <= ``fine_stride`` pick the voxel inside
 a ``window``) is available; on the benchmark pairs it was not better than the plain maximum
 (mean median error 1.94 vs 1.83 working voxels with the shipped model), so it is off by
@@ -127,14 +130,16 @@ def level_similarity(features: Dict[str, torch.Tensor], source: str, target: str
 
 def similarity(features: Dict[str, torch.Tensor], source: str, target: str, voxel,
                weights: Optional[Sequence[float]] = None, window: Optional[int] = None,
-               fine_stride: Optional[int] = None) -> Tuple[torch.Tensor, np.ndarray, float]:
+               fine_stride: Optional[int] = None, subvoxel: bool = True) -> Tuple[torch.Tensor, np.ndarray, float]:
     """Combined multi-scale similarity map (D, H, W) on the target's working grid, the best
     matching target voxel (d, h, w) and its similarity.
 
     ``weights``: per level, coarse to fine (``STRIDES``); levels missing from ``features``
     are skipped. ``window``: radius in voxels of the coarse-to-fine search: the best voxel is
     the maximum of the levels of stride <= ``fine_stride`` inside that window around the
-    maximum of the combined map (0: the combined map's maximum)."""
+    maximum of the combined map (0: the combined map's maximum). ``subvoxel``: the best voxel
+    is refined to a fraction of a voxel (:func:`subvoxel_peak`); the similarity returned is
+    the map's value at the integer voxel."""
     weights = DEFAULT_WEIGHTS if weights is None else tuple(weights)
     window = DEFAULT_WINDOW if window is None else window
     fine_stride = DEFAULT_FINE_STRIDE if fine_stride is None else fine_stride
@@ -170,4 +175,28 @@ def similarity(features: Dict[str, torch.Tensor], source: str, target: str, voxe
         best = np.asarray(np.unravel_index(int(torch.argmax(box)), tuple(box.shape))) + np.asarray(lo)
     else:
         best = np.asarray(np.unravel_index(int(torch.argmax(combined)), tuple(combined.shape)))
-    return combined, best.astype(np.float64), float(combined[tuple(int(v) for v in best)])
+    score = float(combined[tuple(int(v) for v in best)])
+    searched = fine_map if (window and fine and coarse_only) else combined
+    return combined, subvoxel_peak(searched, best) if subvoxel else best.astype(np.float64), score
+
+
+def subvoxel_peak(values: torch.Tensor, best) -> np.ndarray:
+    """The maximum of ``values`` (D, H, W) near its best voxel ``best`` (d, h, w), to a
+    fraction of a voxel: per axis, the vertex of the parabola through the best voxel and its
+    two neighbours (clamped to half a voxel; an axis where the best voxel lies on the border
+    or is not a strict maximum of the three keeps its integer index). An integer argmax alone
+    is off by about half a voxel on average even where the descriptors are exact."""
+    best = np.asarray(best, dtype=np.int64).reshape(3)
+    peak = best.astype(np.float64)
+    centre = float(values[tuple(best)])
+    for axis in range(3):
+        if not 0 < best[axis] < values.shape[axis] - 1:
+            continue
+        below, above = best.copy(), best.copy()
+        below[axis] -= 1
+        above[axis] += 1
+        f_below, f_above = float(values[tuple(below)]), float(values[tuple(above)])
+        curvature = f_below - 2.0 * centre + f_above
+        if curvature < 0.0:
+            peak[axis] += float(np.clip(0.5 * (f_below - f_above) / curvature, -0.5, 0.5))
+    return peak

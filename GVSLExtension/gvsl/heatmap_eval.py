@@ -23,12 +23,13 @@ PEAK_MARGIN = 0.05
 
 
 def heatmap_errors(result, query_lps: np.ndarray, true_lps: np.ndarray, source: str = "fixed",
-                   weights=None, window=None) -> Dict[str, np.ndarray]:
+                   weights=None, window=None, subvoxel: bool = True) -> Dict[str, np.ndarray]:
     """Per query: error (mm) of the best match and the fraction of the target working grid
     within ``PEAK_MARGIN`` of the best similarity."""
     errors, peaked = [], []
     for query, truth in zip(np.asarray(query_lps, float).reshape(-1, 3), np.asarray(true_lps, float).reshape(-1, 3)):
-        heat, best, score = result.heatmap(query, source, on_image_grid=False, weights=weights, window=window)
+        heat, best, score = result.heatmap(query, source, on_image_grid=False, weights=weights, window=window,
+                                           subvoxel=subvoxel)
         values = sitk.GetArrayViewFromImage(heat)
         errors.append(float(np.linalg.norm(best - truth)))
         peaked.append(float((values >= score - PEAK_MARGIN).mean()))
@@ -42,10 +43,11 @@ def summarize(errors_mm: np.ndarray, peaked: np.ndarray, voxel_mm: float) -> dic
             "peaked_fraction": float(np.median(peaked)), "voxel_mm": float(voxel_mm)}
 
 
-def heatmap_accuracy(result, query_lps, true_lps, source: str = "fixed", weights=None, window=None) -> dict:
+def heatmap_accuracy(result, query_lps, true_lps, source: str = "fixed", weights=None, window=None,
+                     subvoxel: bool = True) -> dict:
     """:func:`summarize` of :func:`heatmap_errors` (voxels of the target's working grid)."""
     target_grid = result.moving_grid if source == "fixed" else result.fixed_grid
-    raw = heatmap_errors(result, query_lps, true_lps, source, weights, window)
+    raw = heatmap_errors(result, query_lps, true_lps, source, weights, window, subvoxel)
     return summarize(raw["error_mm"], raw["peaked_fraction"], target_grid.spacing[0])
 
 

@@ -126,17 +126,19 @@ class MatchResult:
 
     # ----------------------------------------------------------------- heatmap
     def heatmap(self, point_lps, source: str = "fixed", target: Optional[str] = None,
-                on_image_grid: bool = True, weights=None, window=None) -> Tuple[sitk.Image, np.ndarray, float]:
+                on_image_grid: bool = True, weights=None, window=None,
+                subvoxel: bool = True) -> Tuple[sitk.Image, np.ndarray, float]:
         """Multi-scale feature similarity (:mod:`gvsl.descriptors`) between ``point_lps`` of
         ``source`` and every voxel of ``target`` (default: the other image). Returns
-        (heatmap image in the target's physical space, best-matching LPS point, its similarity)."""
+        (heatmap image in the target's physical space, best-matching LPS point, its similarity);
+        the best point is refined to a fraction of a working voxel unless ``subvoxel`` is False."""
         if source not in ("fixed", "moving"):
             raise ValueError("source must be 'fixed' or 'moving'")
         target = target or ("moving" if source == "fixed" else "fixed")
         src_grid = self.fixed_grid if source == "fixed" else self.moving_grid
         tgt_grid = self.fixed_grid if target == "fixed" else self.moving_grid
         p = transform_points(src_grid.physical_to_voxel(), np.asarray(point_lps, dtype=np.float64).reshape(1, 3))
-        sim, best_voxel, score = similarity(self.features, source, target, p[0], weights, window)
+        sim, best_voxel, score = similarity(self.features, source, target, p[0], weights, window, subvoxel=subvoxel)
         best_lps = transform_points(tgt_grid.voxel_to_physical(), best_voxel)
         image = sitk.GetImageFromArray(sim.numpy())
         tgt_grid.apply_to(image)
