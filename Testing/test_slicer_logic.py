@@ -132,6 +132,14 @@ def test_heatmap_node_has_other_volume_geometry_and_best_match(matched):
     assert display.GetWindow() == pytest.approx(0.05, abs=1e-6)
     assert display.GetLevel() + display.GetWindow() / 2 == pytest.approx(engine_score, abs=1e-6)
     assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(engine_score - 0.05, abs=1e-6)
+    # Cold to hot: the best match is red, the band's low end blue (a bare scene has no ColdToHotRainbow file
+    # table, and its built-in Rainbow showed the best match purple).
+    colors = display.GetColorNode()
+    low, high = [0.0] * 4, [0.0] * 4
+    assert colors.GetColor(0, low) and colors.GetColor(colors.GetNumberOfColors() - 1, high)
+    assert low[2] > 0.5 > low[0] and high[0] > 0.4 > high[2]
+    logic.similarityHeatmap(ras[0], fixed)
+    assert len(mrml_io.nodes_of_class(scene, "vtkMRMLColorTableNode")) == 1  # made once per scene
     markup = logic.updateBestMatchMarkup(best)
     position = [0.0, 0.0, 0.0]
     markup.GetNthControlPointPosition(0, position)

@@ -30,8 +30,6 @@ from .jobs import GVSLJob
 # The engine (torch, MONAI) is imported inside the methods that run it: the panel builds
 # this logic before it has offered to install those packages.
 
-# Slicer's ColdToHotRainbow table; a bare MRML scene (slicer-core) only has the built-in Rainbow.
-HEATMAP_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileColdToHotRainbow.txt", "vtkMRMLColorTableNodeRainbow")
 MAX_RESIDUAL_FIELD_VOXELS = 1 << 22  # 4 M voxels: the grid transform stays light (= gvsl.match.RESIDUAL_MAX_VOXELS)
 RESIDUAL_FILE = "residual_displacement.nrrd"  # = gvsl.match.RESIDUAL_FILE (gvsl.match imports torch)
 PANEL_IMAGE_FILES = {"warped": "warped.nrrd", "jacobian": "jacobian.nrrd"}  # = gvsl.match.PANEL_IMAGE_FILES
@@ -427,8 +425,7 @@ class GVSLLogic:
                                                 "heatmap", "heatmap")
         mrml_io.update_volume_from_image(heatmapNode, image)
         display = mrml_io.ensure_display(heatmapNode)
-        color_id = next((i for i in HEATMAP_COLOR_NODE_IDS if self.scene.GetNodeByID(i)), HEATMAP_COLOR_NODE_IDS[0])
-        display.SetAndObserveColorNodeID(color_id)
+        display.SetAndObserveColorNodeID(mrml_io.cold_to_hot_colors(self.scene).GetID())
         display.AutoWindowLevelOff()
         # The same band as report.png: colours span the PEAK_MARGIN below the best match, and
         # lower similarities are transparent, so a broad map cannot paint the whole body hot.

@@ -108,6 +108,30 @@ def nodes_of_class(scene, class_name: str) -> List:
     return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
 
 
+SLICER_COLD_TO_HOT_ID = "vtkMRMLColorTableNodeFileColdToHotRainbow.txt"  # Slicer's ColorFiles/ColdToHotRainbow.txt
+
+
+def cold_to_hot_colors(scene):
+    """A colour table from dark blue (low) through cyan, yellow and red to dark red (high):
+    Slicer's ColdToHotRainbow where the scene has it (Slicer's colour logic loads it), else
+    the same ramp (the "jet" formula that table follows) as a user table of this scene,
+    created once. A bare MRML scene (slicer-core, the browser front end) has no file-based
+    tables, and its built-in Rainbow runs from red (low) to purple (high): the best match
+    showed purple, the rest red."""
+    slicer_table = scene.GetNodeByID(SLICER_COLD_TO_HOT_ID)
+    if slicer_table is not None:
+        return slicer_table
+    table = get_or_create(scene, "vtkMRMLColorTableNode", "GVSL cold to hot", "coldToHot", "colors")
+    if table.GetNumberOfColors() != 256:
+        table.SetTypeToUser()
+        table.SetNumberOfColors(256)
+        for entry in range(256):
+            x = entry / 255.0
+            r, g, b = (float(np.clip(1.5 - abs(4.0 * x - centre), 0.0, 1.0)) for centre in (3.0, 2.0, 1.0))
+            table.SetColor(entry, r, g, b, 1.0)
+    return table
+
+
 def ensure_display(node):
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
