@@ -131,6 +131,35 @@ def test_heatmap_layers_are_set_per_slice_composite_node(scene):
     assert composites["Red"].GetForegroundOpacity() == pytest.approx(0.9)
 
 
+def test_query_and_best_match_points_show_in_their_own_views(scene):
+    """Query point: the query volume's view (Red) and 3D; best match: the other slice views and 3D."""
+    slices = {}
+    for name in ("Red", "Yellow", "Green"):
+        composite = slicer.vtkMRMLSliceCompositeNode()
+        composite.SetLayoutName(name)
+        scene.AddNode(composite)
+        slices[name] = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+        slices[name].SetLayoutName(name)
+    view_3d = scene.AddNewNodeByClass("vtkMRMLViewNode")
+    query = add_volume(scene, small_image(0)[0], "query")
+    target = add_volume(scene, small_image(1)[0], "target")
+    heatmap = add_volume(scene, small_image(2)[0], "heatmap")
+    heatmap.SetAttribute("GVSL.targetVolumeID", target.GetID())
+    logic = GVSLLogic(scene)
+    logic.showHeatmapInViews(query, heatmap)  # before any point: nothing to restrict, nothing created
+    assert not mrml_io.nodes_of_class(scene, "vtkMRMLMarkupsFiducialNode")
+    logic.queryPointNode().AddControlPoint(1.0, 2.0, 3.0)
+    best = logic.updateBestMatchMarkup([4.0, 5.0, 6.0])
+    logic.showHeatmapInViews(query, heatmap)
+    query_display = logic.queryPointNode().GetDisplayNode()
+    best_display = best.GetDisplayNode()
+    assert query_display.IsDisplayableInView(slices["Red"].GetID())
+    assert not query_display.IsDisplayableInView(slices["Yellow"].GetID())
+    assert not best_display.IsDisplayableInView(slices["Red"].GetID())
+    assert best_display.IsDisplayableInView(slices["Yellow"].GetID()) and best_display.IsDisplayableInView(slices["Green"].GetID())
+    assert query_display.IsDisplayableInView(view_3d.GetID()) and best_display.IsDisplayableInView(view_3d.GetID())
+
+
 # ------------------------------------------------ defect 8: sample data from a script
 def test_sample_pair_loads_from_a_script_without_download(scene, tmp_path):
     logic = GVSLLogic(scene)

@@ -493,7 +493,25 @@ class GVSLLogic:
             composite.SetForegroundVolumeID(foreground)
             if foreground is not None:
                 composite.SetForegroundOpacity(float(opacity))
+        slice_ids = {n.GetLayoutName(): n.GetID() for n in mrml_io.nodes_of_class(self.scene, "vtkMRMLSliceNode")}
+        self.showPointsInViews([slice_ids[n] for n, (_, fg) in layers.items() if fg is None and n in slice_ids],
+                               [slice_ids[n] for n, (_, fg) in layers.items() if fg is not None and n in slice_ids])
         return layers
+
+    def showPointsInViews(self, queryViewIDs: Sequence[str], targetViewIDs: Sequence[str]):
+        """The query point only in the views of the query volume, the best match only in the
+        views of the other volume (and both in every 3D view). The two points are positions in
+        two different images: shown everywhere, as markups are by default, the query point sat
+        on the other image too, where it means nothing, usually right beside the best match."""
+        three_d = [n.GetID() for n in mrml_io.nodes_of_class(self.scene, "vtkMRMLViewNode")]
+        for key, views in (("query", queryViewIDs), ("bestmatch", targetViewIDs)):
+            node = mrml_io.find_tagged(self.scene, "vtkMRMLMarkupsFiducialNode", key, key)
+            if node is None or not views:
+                continue
+            display = mrml_io.ensure_display(node)
+            display.RemoveAllViewNodeIDs()
+            for view_id in [*views, *three_d]:
+                display.AddViewNodeID(view_id)
 
     def setHeatmapOpacity(self, opacity: float):
         """The heatmap's opacity in the views that show it (other views keep theirs)."""

@@ -91,13 +91,18 @@ def update_volume_from_image(volume_node, image: sitk.Image):
 def get_or_create(scene, class_name: str, name: str, key: str, tag: str):
     """The node of ``class_name`` tagged ``GVSL.<tag> = key``, created if absent: running
     again on the same pair updates nodes instead of adding new ones."""
-    for node in nodes_of_class(scene, class_name):
-        if node.GetAttribute(f"GVSL.{tag}") == key:
-            node.SetName(name)
-            return node
+    node = find_tagged(scene, class_name, key, tag)
+    if node is not None:
+        node.SetName(name)
+        return node
     node = scene.AddNewNodeByClass(class_name, name)
     node.SetAttribute(f"GVSL.{tag}", key)
     return node
+
+
+def find_tagged(scene, class_name: str, key: str, tag: str):
+    """The node of ``class_name`` tagged ``GVSL.<tag> = key`` (see :func:`get_or_create`), or None."""
+    return next((n for n in nodes_of_class(scene, class_name) if n.GetAttribute(f"GVSL.{tag}") == key), None)
 
 
 def nodes_of_class(scene, class_name: str) -> List:

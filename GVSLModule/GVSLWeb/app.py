@@ -312,7 +312,9 @@ class GVSLWebApp(TrameApp):
             self._fail(error)
             return None
         heatmap = answer["heatmap"]
-        _, target_view = self._views()
+        query_view, target_view = self._views()
+        self.session.logic.showPointsInViews([query_view.get_view_node().GetID()],
+                                             [target_view.get_view_node().GetID()])
         target_view.set_background_volume_id(self.session.volumes["moving"].GetID())
         target_view.set_foreground_volume_id(heatmap.GetID())
         target_view.set_foreground_opacity(0.6)
