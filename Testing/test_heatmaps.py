@@ -156,6 +156,15 @@ def test_subvoxel_peak_recovers_a_fractional_maximum():
     edge = torch.from_numpy(np.exp(-((grid - np.array([0.2, 7.8, 5.5])) ** 2).sum(-1) / 8.0)).float()
     best_edge = np.unravel_index(int(torch.argmax(edge)), edge.shape)
     assert subvoxel_peak(edge, best_edge)[0] == 0.0
+    far_edge = torch.from_numpy(np.exp(-((grid - np.array([10.3, 15.4, 5.5])) ** 2).sum(-1) / 8.0)).float()
+    best_far = np.unravel_index(int(torch.argmax(far_edge)), far_edge.shape)
+    assert best_far[1] == 15 and subvoxel_peak(far_edge, best_far)[1] == 15.0
+    # A higher neighbour (the coarse-to-fine window's edge) keeps the integer index; a tie goes halfway.
+    line = torch.zeros(20, 16, 12)
+    line[10, 7, 5], line[10, 8, 5], line[10, 6, 5] = 1.0, 1.5, 0.5
+    assert subvoxel_peak(line, (10, 7, 5))[1] == 7.0
+    line[10, 8, 5] = 1.0
+    assert subvoxel_peak(line, (10, 7, 5))[1] == pytest.approx(7.5)
 
 
 def test_heatmap_best_match_is_subvoxel(volume):

@@ -137,7 +137,7 @@ def test_heatmap_node_has_other_volume_geometry_and_best_match(matched):
     colors = display.GetColorNode()
     low, high = [0.0] * 4, [0.0] * 4
     assert colors.GetColor(0, low) and colors.GetColor(colors.GetNumberOfColors() - 1, high)
-    assert low[2] > 0.5 > low[0] and high[0] > 0.4 > high[2]
+    assert low[2] > 0.45 > low[0] and high[0] > 0.4 > high[2]  # Slicer's file: (0, 0, 143) and (116, 0, 0)
     logic.similarityHeatmap(ras[0], fixed)
     assert len(mrml_io.nodes_of_class(scene, "vtkMRMLColorTableNode")) == 1  # made once per scene
     markup = logic.updateBestMatchMarkup(best)

@@ -136,7 +136,7 @@ def test_match_pair_and_heatmap_click_in_the_browser(server, pair_root):
         query_ras = np.array([float(v) for v in NUMBERS.findall(query)[:3]])
         best_ras = np.array([float(v) for v in NUMBERS.findall(best)[:3]])
         _, engine_best_lps, _ = engine.heatmap(ras_to_lps(query_ras), "fixed")
-        # The page prints millimetres to 3 decimals; the engine's answer is a voxel centre.
+        # The page prints millimetres to 3 decimals; both sides read the same state file.
         np.testing.assert_allclose(best_ras, lps_to_ras(engine_best_lps), atol=2e-3)
         queries.append(query_ras)
     assert np.linalg.norm(queries[1] - queries[0]) > 5.0  # the second click queried its own point

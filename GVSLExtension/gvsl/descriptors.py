@@ -173,18 +173,20 @@ def similarity(features: Dict[str, torch.Tensor], source: str, target: str, voxe
         hi = [min(n, c + window + 1) for c, n in zip(centre, combined.shape)]
         box = fine_map[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
         best = np.asarray(np.unravel_index(int(torch.argmax(box)), tuple(box.shape))) + np.asarray(lo)
+        searched = fine_map
     else:
         best = np.asarray(np.unravel_index(int(torch.argmax(combined)), tuple(combined.shape)))
+        searched = combined
     score = float(combined[tuple(int(v) for v in best)])
-    searched = fine_map if (window and fine and coarse_only) else combined
     return combined, subvoxel_peak(searched, best) if subvoxel else best.astype(np.float64), score
 
 
 def subvoxel_peak(values: torch.Tensor, best) -> np.ndarray:
     """The maximum of ``values`` (D, H, W) near its best voxel ``best`` (d, h, w), to a
     fraction of a voxel: per axis, the vertex of the parabola through the best voxel and its
-    two neighbours (clamped to half a voxel; an axis where the best voxel lies on the border
-    or is not a strict maximum of the three keeps its integer index). An integer argmax alone
+    two neighbours (clamped to half a voxel; an axis keeps its integer index where the best
+    voxel lies on the border, is below a neighbour, or the three values lie on a line; a tie
+    with one neighbour puts the peak halfway between them). An integer argmax alone
     is off by about half a voxel on average even where the descriptors are exact."""
     best = np.asarray(best, dtype=np.int64).reshape(3)
     peak = best.astype(np.float64)
@@ -197,6 +199,8 @@ def subvoxel_peak(values: torch.Tensor, best) -> np.ndarray:
         above[axis] += 1
         f_below, f_above = float(values[tuple(below)]), float(values[tuple(above)])
         curvature = f_below - 2.0 * centre + f_above
-        if curvature < 0.0:
+        # Only around a maximum of the three: in the coarse-to-fine search the best voxel of the
+        # window can sit on the window's edge with a higher neighbour outside it.
+        if curvature < 0.0 and centre >= max(f_below, f_above):
             peak[axis] += float(np.clip(0.5 * (f_below - f_above) / curvature, -0.5, 0.5))
     return peak

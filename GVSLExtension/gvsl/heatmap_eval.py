@@ -25,7 +25,8 @@ PEAK_MARGIN = 0.05
 def heatmap_errors(result, query_lps: np.ndarray, true_lps: np.ndarray, source: str = "fixed",
                    weights=None, window=None, subvoxel: bool = True) -> Dict[str, np.ndarray]:
     """Per query: error (mm) of the best match and the fraction of the target working grid
-    within ``PEAK_MARGIN`` of the best similarity."""
+    within ``PEAK_MARGIN`` of the best similarity. ``subvoxel=False``: the integer maximum,
+    without :func:`gvsl.descriptors.subvoxel_peak`."""
     errors, peaked = [], []
     for query, truth in zip(np.asarray(query_lps, float).reshape(-1, 3), np.asarray(true_lps, float).reshape(-1, 3)):
         heat, best, score = result.heatmap(query, source, on_image_grid=False, weights=weights, window=window,

@@ -506,11 +506,11 @@ class GVSLLogic:
         three_d = [n.GetID() for n in mrml_io.nodes_of_class(self.scene, "vtkMRMLViewNode")]
         for key, views in (("query", queryViewIDs), ("bestmatch", targetViewIDs)):
             node = mrml_io.find_tagged(self.scene, "vtkMRMLMarkupsFiducialNode", key, key)
-            if node is None or not views:
+            if node is None:
                 continue
             display = mrml_io.ensure_display(node)
-            display.RemoveAllViewNodeIDs()
-            for view_id in [*views, *three_d]:
+            display.RemoveAllViewNodeIDs()  # none listed = every view (no view of that role on screen)
+            for view_id in [*views, *three_d] if views else []:
                 display.AddViewNodeID(view_id)
 
     def setHeatmapOpacity(self, opacity: float):

@@ -128,12 +128,14 @@ def cold_to_hot_colors(scene):
         return slicer_table
     table = get_or_create(scene, "vtkMRMLColorTableNode", "GVSL cold to hot", "coldToHot", "colors")
     if table.GetNumberOfColors() != 256:
+        was_modifying = table.StartModify()  # one Modified event, not 256
         table.SetTypeToUser()
         table.SetNumberOfColors(256)
         for entry in range(256):
             x = entry / 255.0
             r, g, b = (float(np.clip(1.5 - abs(4.0 * x - centre), 0.0, 1.0)) for centre in (3.0, 2.0, 1.0))
             table.SetColor(entry, r, g, b, 1.0)
+        table.EndModify(was_modifying)
     return table
 
 
