@@ -102,18 +102,27 @@ def test_heatmap_view_layers_keep_the_query_volume_in_its_own_view():
     assert layers == {"Red": ("query", None), "Yellow": ("target", "heat"), "Green": ("target", "heat")}
 
 
-def test_heatmap_layers_are_set_per_slice_composite_node(scene):
-    composites = {}
+def slice_views_and_heatmap(scene, slice_nodes=False):
+    """Red, Yellow and Green slice composite nodes (and slice nodes), a query, a target and a
+    heatmap volume: what showHeatmapInViews works on."""
+    composites, slices = {}, {}
     for name in ("Red", "Yellow", "Green"):
-        node = slicer.vtkMRMLSliceCompositeNode()
-        node.SetLayoutName(name)
-        scene.AddNode(node)
-        composites[name] = node
+        composites[name] = slicer.vtkMRMLSliceCompositeNode()
+        composites[name].SetLayoutName(name)
+        scene.AddNode(composites[name])
+        if slice_nodes:
+            slices[name] = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+            slices[name].SetLayoutName(name)
     query = add_volume(scene, small_image(0)[0], "query")
     target = add_volume(scene, small_image(1)[0], "target")
     heatmap = add_volume(scene, small_image(2)[0], "heatmap")
     heatmap.SetAttribute("GVSL.heatmap", "heatmap")
     heatmap.SetAttribute("GVSL.targetVolumeID", target.GetID())
+    return composites, slices, query, target, heatmap
+
+
+def test_heatmap_layers_are_set_per_slice_composite_node(scene):
+    composites, _, query, target, heatmap = slice_views_and_heatmap(scene)
     logic = GVSLLogic(scene)
     logic.showHeatmapInViews(query, heatmap, opacity=0.3)
     assert composites["Red"].GetBackgroundVolumeID() == query.GetID()
@@ -133,18 +142,8 @@ def test_heatmap_layers_are_set_per_slice_composite_node(scene):
 
 def test_query_and_best_match_points_show_in_their_own_views(scene):
     """Query point: the query volume's view (Red) and 3D; best match: the other slice views and 3D."""
-    slices = {}
-    for name in ("Red", "Yellow", "Green"):
-        composite = slicer.vtkMRMLSliceCompositeNode()
-        composite.SetLayoutName(name)
-        scene.AddNode(composite)
-        slices[name] = scene.AddNewNodeByClass("vtkMRMLSliceNode")
-        slices[name].SetLayoutName(name)
+    _, slices, query, target, heatmap = slice_views_and_heatmap(scene, slice_nodes=True)
     view_3d = scene.AddNewNodeByClass("vtkMRMLViewNode")
-    query = add_volume(scene, small_image(0)[0], "query")
-    target = add_volume(scene, small_image(1)[0], "target")
-    heatmap = add_volume(scene, small_image(2)[0], "heatmap")
-    heatmap.SetAttribute("GVSL.targetVolumeID", target.GetID())
     logic = GVSLLogic(scene)
     logic.showHeatmapInViews(query, heatmap)  # before any point: nothing to restrict, nothing created
     assert not mrml_io.nodes_of_class(scene, "vtkMRMLMarkupsFiducialNode")
