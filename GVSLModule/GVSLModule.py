@@ -179,6 +179,7 @@ class GVSLModuleParameterNode:
     refineIterations: Annotated[int, WithinRange(-1, 100000)] = -1  # -1: the engine's default schedule
     similarity: Annotated[str, Choice(["lncc", "mind"])] = "lncc"
     timeBudgetSeconds: Annotated[float, WithinRange(0.0, 86400.0)] = 0.0  # 0: no budget
+    refineDetail: Annotated[str, Choice(["full", "fast"])] = "full"  # = gvsl.refine.DETAIL_MAX_VOXELS
     precision: Annotated[str, Choice(["auto", "fp32", "bf16", "fp16"])] = "auto"
     showTransformGrid: bool = False
     queryIn: Annotated[str, Choice(["fixed", "moving"])] = "fixed"
@@ -471,7 +472,7 @@ class GVSLModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             job, folder = self.logic.core.matchJob(
                 fixed, moving, p.checkpointPath or None, p.device, p.preset,
                 refineIterations=None if p.refineIterations < 0 else p.refineIterations, similarity=p.similarity,
-                timeBudgetSeconds=p.timeBudgetSeconds or None, precision=p.precision)
+                timeBudgetSeconds=p.timeBudgetSeconds or None, precision=p.precision, refineDetail=p.refineDetail)
 
             def done():
                 from GVSLModuleLib.logic import match_summary

@@ -432,6 +432,42 @@ def test_plateau_waits_for_the_warm_up_then_stops_on_a_flat_loss():
     assert not any(off.converged(1.0) for _ in range(50))
 
 
+def test_refine_detail_sets_the_finest_level_of_a_1_mm_brain_sized_volume():
+    """``full`` refines a 1 mm brain-sized volume (182 x 218 x 182) at its own voxel size and
+    ``fast`` at about 2 mm; a 2 mm one is refined at 2 mm either way."""
+    from gvsl.refine import DETAIL_MAX_VOXELS, RefineOptions, level_spacings
+
+    def finest(size, spacing, detail):
+        image = sitk.Image(list(size), sitk.sitkFloat32)
+        image.SetSpacing([spacing] * 3)
+        return level_spacings(image, RefineOptions(max_voxels=DETAIL_MAX_VOXELS[detail]))[-1]
+
+    assert finest((182, 218, 182), 1.0, "full") == pytest.approx([1.0] * 3)
+    fast = finest((182, 218, 182), 1.0, "fast")
+    assert 1.8 < fast[0] < 2.2 and np.allclose(fast, fast[0])
+    for detail in DETAIL_MAX_VOXELS:
+        assert finest((91, 109, 91), 2.0, detail) == pytest.approx([2.0] * 3)
+
+
+def test_refine_detail_reaches_the_refinement_and_is_checked(known_pair, rigged_model, monkeypatch):
+    import gvsl.refine
+    fixed, moving = known_pair[0], known_pair[1]
+    with pytest.raises(ValueError, match="refine_detail"):
+        match_pair(fixed, moving, rigged_model, device="cpu", refine_detail="finest")
+    seen = []
+    original = gvsl.refine.refine_mapping
+
+    def spy(fixed_image, moving_image, start, options, *args, **kwargs):
+        seen.append(options.max_voxels)
+        return original(fixed_image, moving_image, start, options, *args, **kwargs)
+
+    monkeypatch.setattr(gvsl.refine, "refine_mapping", spy)
+    for detail in ("fast", "full"):
+        result = match_pair(fixed, moving, rigged_model, device="cpu", refine_detail=detail, refine_iters=8)
+        assert result.metrics["refinement"]["detail"] == detail
+    assert seen == [gvsl.refine.DETAIL_MAX_VOXELS["fast"], gvsl.refine.DETAIL_MAX_VOXELS["full"]]
+
+
 def test_learning_rate_ramps_up_over_the_warm_up():
     """Under a constant gradient Adam moves a parameter by exactly its learning rate, so the
     step sizes are the ramp."""

@@ -205,6 +205,12 @@ def test_match_arguments_pass_only_what_the_user_changed():
                                 "--time-budget", "30.0", "--precision", "bf16"]
     assert "--refine-iters" not in match_arguments("f", "m", "o", refineIterations=None)
     assert match_arguments("f", "m", "o", refineIterations=200)[-2:] == ["--refine-iters", "200"]
+    assert "--refine-detail" not in match_arguments("f", "m", "o", refineDetail="full")
+    fast = match_arguments("f", "m", "o", refineDetail="fast")
+    assert fast[-2:] == ["--refine-detail", "fast"]
+    from gvsl.cli import build_parser
+    assert build_parser().parse_args(fast).refine_detail == "fast"
+    assert build_parser().parse_args(base).refine_detail == "full"
 
 
 def metrics(**extra):
@@ -220,6 +226,16 @@ def test_match_summary_with_and_without_refinement():
     refined = match_summary(metrics(local_ncc_network=0.430, refinement={
         "iterations": 150, "similarity": "lncc", "seconds": 3.2, "improved": True, "warning": None}))
     assert "network 0.430" in refined and "refined 0.456" in refined and "150 iterations of lncc" in refined
+    levels = [{"stage": "affine", "spacing_mm": [4.0, 4.0, 4.0]},
+              {"stage": "deformable", "spacing_mm": [1.92, 1.92, 3.0]},
+              {"stage": "deformable", "spacing_mm": [0.96, 0.96, 1.5]}]
+    detailed = match_summary(metrics(local_ncc_network=0.430, refinement={
+        "iterations": 150, "similarity": "lncc", "seconds": 3.2, "improved": True, "warning": None,
+        "detail": "full", "levels": levels}))
+    assert "finest level 0.96 x 0.96 x 1.50 mm (full detail)" in detailed
+    levels[-1]["spacing_mm"] = [2.0, 2.0, 2.0]
+    assert "finest level 2.00 mm (fast detail)" in match_summary(metrics(local_ncc_network=0.430, refinement={
+        "iterations": 150, "similarity": "lncc", "seconds": 3.2, "detail": "fast", "levels": levels}))
     network_only = match_summary(metrics(local_ncc_network=0.456, refinement={
         "iterations": 0, "similarity": "lncc", "seconds": 0.0, "improved": False, "warning": None}))
     assert "network 0.456" in network_only and "refined" not in network_only

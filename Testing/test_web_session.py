@@ -100,6 +100,17 @@ def test_match_in_a_child_process_then_heatmap_and_download(session):
     assert "metrics.json" in names and set(names) == set(session.result_files())
 
 
+def test_match_detail_reaches_the_child_command_line(session):
+    session.load_path("fixed", "fixed.nrrd")
+    session.load_path("moving", "moving.nii.gz")
+    session.start_match(refine_iterations=0, refine_detail="fast")
+    assert session.job.args[session.job.args.index("--refine-detail") + 1] == "fast"
+    assert session.wait(timeout_s=300).state == "done"
+    session.start_match(refine_iterations=0)
+    assert "--refine-detail" not in session.job.args  # full: the engine's default, not passed
+    assert session.wait(timeout_s=300).state == "done"
+
+
 def test_a_failing_child_reports_its_message(session, tmp_path):
     session.load_path("fixed", "fixed.nrrd")
     session.load_path("moving", "moving.nii.gz")

@@ -5,7 +5,8 @@ under known random affine + B-spline transforms (several seeds), plus a cross-su
 For each pair, in one run and on the same CPU threads:
 
 * ``gvsl network``  - ``gvsl.match_pair(..., refine_iters=0)``, the shipped model alone
-* ``gvsl refined``  - ``gvsl.match_pair(...)`` with its default refinement
+* ``gvsl refined``  - ``gvsl.match_pair(...)`` with its default refinement (``refine_detail="full"``)
+* ``gvsl fast``      - the same with ``refine_detail="fast"`` (finest level at most ~1 M voxels)
 * ``ants SyN``      - ``antspyx`` ``ants.registration(type_of_transform="SyN")`` (its defaults)
 * ``elastix``       - ``itk-elastix`` default ``affine`` + ``bspline`` parameter maps
 
@@ -23,6 +24,8 @@ Run::
 
     python benchmarks/registration.py                 # every installed source, seeds 0 1
     python benchmarks/registration.py --sources chest_ct --seeds 0 --methods gvsl-refined ants
+    python benchmarks/registration.py --native --sources mni152 colin27 invesalius_head_ct \
+        --methods gvsl-refined gvsl-fast ants       # 1 mm brains, the head CT at 0.96 x 0.96 x 1.5 mm
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets  # noqa: E402
 
-METHODS = ("gvsl-network", "gvsl-refined", "ants", "elastix")
+METHODS = ("gvsl-network", "gvsl-refined", "gvsl-fast", "ants", "elastix")
 
 
 # ----------------------------------------------------------------------- measures
@@ -95,12 +98,12 @@ def warp_labels(labels: sitk.Image, fixed: sitk.Image, displacement: sitk.Image)
 CHECKPOINT = None  # --checkpoint: another model than the shipped one
 
 
-def run_gvsl(pair, workdir: Path, refine: bool):
+def run_gvsl(pair, workdir: Path, refine: bool, detail: str = "full"):
     from gvsl.match import match_pair
     preset = "ct" if pair.modality == "CT" else "mr"
     t0 = time.perf_counter()
     result = match_pair(pair.fixed, pair.moving, CHECKPOINT, device="cpu", preset=preset,
-                        refine_iters=None if refine else 0)
+                        refine_iters=None if refine else 0, refine_detail=detail)
     seconds = time.perf_counter() - t0
     refinement = result.metrics["refinement"]
     info = {"refinement_start": refinement.get("start"), "warning": refinement.get("warning"),
@@ -154,6 +157,8 @@ def evaluate(pair, method: str):
             displacement, seconds, info = run_gvsl(pair, workdir, refine=False)
         elif method == "gvsl-refined":
             displacement, seconds, info = run_gvsl(pair, workdir, refine=True)
+        elif method == "gvsl-fast":
+            displacement, seconds, info = run_gvsl(pair, workdir, refine=True, detail="fast")
         elif method == "ants":
             displacement, seconds, info = run_ants(pair, workdir)
         else:
@@ -178,6 +183,9 @@ def main(argv=None):
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--no-cross-subject", action="store_true")
     parser.add_argument("--brain-spacing", type=float, default=2.0)
+    parser.add_argument("--native", action="store_true",
+                        help="every source at its own voxel size (brains 1 mm, the head CT 0.96 x 0.96 x 1.5 mm) "
+                             "instead of the 2 mm brains and head CT")
     parser.add_argument("--json", default=None, help="also write every row here")
     parser.add_argument("--checkpoint", default=None, help="GVSL model to measure (default: the shipped one)")
     parser.add_argument("--refine-option", action="append", default=[], metavar="KEY=VALUE",
@@ -206,13 +214,14 @@ def main(argv=None):
     threads = os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
     print(f"threads: torch {__import__('torch').get_num_threads()}, ITK {threads or 'default'}", flush=True)
 
-    spacing = {"mni152": args.brain_spacing, "colin27": args.brain_spacing, "invesalius_head_ct": 2.0}
+    spacing = ({} if args.native else
+               {"mni152": args.brain_spacing, "colin27": args.brain_spacing, "invesalius_head_ct": 2.0})
     names = args.sources if args.sources is not None else datasets.available_sources(verbose=True)
     pairs = []
     for name in names:
         pairs += datasets.known_transform_pairs(datasets.load_source(name, spacing.get(name)), args.seeds)
     if not args.no_cross_subject:
-        pairs += datasets.cross_subject_pairs(args.brain_spacing)
+        pairs += datasets.cross_subject_pairs(None if args.native else args.brain_spacing)
 
     rows = []
     header = f"| {'pair':28s} | {'method':13s} | {'Dice':>6s} | {'HD95 mm':>7s} | {'folding %':>9s} | {'seconds':>7s} |"

@@ -38,7 +38,8 @@ def foreground_points(labels: sitk.Image, count: int, seed: int) -> np.ndarray:
 
 
 def run_demo(out="gvsl-demo", checkpoint=None, device="auto", sample="ct", seed=7, quiet=False,
-             refine_iters=None, similarity="lncc", time_budget_s=None, refine_tolerance=None) -> dict:
+             refine_iters=None, similarity="lncc", time_budget_s=None, refine_tolerance=None,
+             refine_detail="full") -> dict:
     from .match import match_pair
     from .samples import chest_ct, deformed_copy, mni_t1, random_deformation
 
@@ -62,7 +63,8 @@ def run_demo(out="gvsl-demo", checkpoint=None, device="auto", sample="ct", seed=
     say(f"GVSL demo: matching the sample {'chest CT (slicerio CTChest4)' if sample == 'ct' else 'MNI152 T1'} "
         f"against a copy deformed by a known random affine + elastic transform (seed {seed})")
     result = match_pair(fixed, moving, checkpoint, device=device, preset=preset, refine_iters=refine_iters,
-                        similarity=similarity, time_budget_s=time_budget_s, refine_tolerance=refine_tolerance)
+                        similarity=similarity, time_budget_s=time_budget_s, refine_tolerance=refine_tolerance,
+                        refine_detail=refine_detail)
 
     centroids = label_centroids(fixed_labels)
     queries = [{"point": centroids[k].tolist(), "image": "fixed"} for k in sorted(centroids)[:2]]

@@ -279,7 +279,8 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
                refine_iters: Optional[int] = None, similarity: str = "lncc",
                time_budget_s: Optional[float] = None, precision: str = "auto",
                refine_tolerance: Optional[float] = None,
-               stop: Optional[Callable[[], bool]] = None) -> MatchResult:
+               stop: Optional[Callable[[], bool]] = None,
+               refine_detail: str = "full") -> MatchResult:
     """Match ``moving`` onto ``fixed`` (SimpleITK images or file paths) with a GVSL model
     (a module, a checkpoint path, or None for the shipped demo model), then refine the
     network's answer on the pair itself (:mod:`gvsl.refine`; ``refine_iters=0`` keeps the
@@ -289,11 +290,15 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
     checkpoint's spacing and patch size), so the network sees what it learned from; for
     weights without that record (the official ones) they default to 1 mm and 128.
 
+    ``refine_detail`` caps the refinement's finest level (``gvsl.refine.DETAIL_MAX_VOXELS``):
+    ``full`` (about 8 M voxels: a 1 mm brain at its own voxel size) or ``fast`` (about 1 M:
+    that brain at about 2 mm, about 7x sooner); smaller scans are refined at their own voxel size.
+
     ``stop()`` (polled between stages and before every refinement step) returning True ends
     the match early: before the network has answered it raises :class:`MatchStopped`;
     during refinement the result keeps what refinement reached, as a time budget does."""
     from .checkpoint import load_model
-    from .refine import SIMILARITIES, RefineOptions, refine_mapping
+    from .refine import DETAIL_MAX_VOXELS, SIMILARITIES, RefineOptions, refine_mapping
     from .runtime import pick_device, resolve_precision
 
     if similarity not in SIMILARITIES:
@@ -308,6 +313,9 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
         if not refine_tolerance >= 0:
             raise ValueError(f"refine_tolerance must be 0 (run every step) or more, got {refine_tolerance}")
         options.tolerance = float(refine_tolerance)
+    if refine_detail not in DETAIL_MAX_VOXELS:
+        raise ValueError(f"unknown refine_detail {refine_detail!r}; choose one of {', '.join(DETAIL_MAX_VOXELS)}")
+    options.max_voxels = DETAIL_MAX_VOXELS[refine_detail]
     say = progress or (lambda stage, fraction: None)
     seconds = {}
     t0 = time.perf_counter()
@@ -358,7 +366,7 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
     network = Mapping(affine=moving_grid.voxel_to_physical() @ voxel @ fixed_grid.physical_to_voxel(),
                       local=voxel_flow_to_lps(out.local_flow.float().cpu(), fixed_grid), grid=fixed_grid)
 
-    refinement = {"iterations": 0, "similarity": similarity, "seconds": 0.0}
+    refinement = {"iterations": 0, "similarity": similarity, "detail": refine_detail, "seconds": 0.0}
     final = network
     if options.iterations > 0:
         say("refine", 0.35)
@@ -723,7 +731,8 @@ def match_cli(args):
                                     preset=args.preset, spacing_mm=args.spacing, max_size=args.max_size,
                                     progress=progress, refine_iters=args.refine_iters, similarity=args.similarity,
                                     time_budget_s=args.time_budget, precision=args.precision,
-                                    refine_tolerance=getattr(args, "refine_tolerance", None), stop=lambda: stop.requested)
+                                    refine_tolerance=getattr(args, "refine_tolerance", None), stop=lambda: stop.requested,
+                                    refine_detail=getattr(args, "refine_detail", "full"))
             except MatchStopped as exc:  # nothing to keep: exit 0, as a stopped training run does
                 reporter.event("done", stopped=True, files={}, message=str(exc))
                 return

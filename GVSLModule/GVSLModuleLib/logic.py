@@ -111,10 +111,12 @@ def match_input_image(volumeNode) -> Tuple[sitk.Image, Optional[str]]:
             f"(a GVSL result)")
 
 
-def match_options(refineIterations=None, similarity="lncc", timeBudgetSeconds=None, precision="auto") -> Dict:
+def match_options(refineIterations=None, similarity="lncc", timeBudgetSeconds=None, precision="auto",
+                  refineDetail="full") -> Dict:
     """``match_pair`` keyword arguments for the refinement options the user changed from
     the engine's defaults (``refineIterations`` None: the default schedule, 0: network only;
-    ``timeBudgetSeconds`` None or 0: no budget)."""
+    ``timeBudgetSeconds`` None or 0: no budget; ``refineDetail`` "full" or "fast", see
+    ``gvsl.refine.DETAIL_MAX_VOXELS``)."""
     options = {}
     if refineIterations is not None and int(refineIterations) >= 0:
         options["refine_iters"] = int(refineIterations)
@@ -124,11 +126,14 @@ def match_options(refineIterations=None, similarity="lncc", timeBudgetSeconds=No
         options["time_budget_s"] = float(timeBudgetSeconds)
     if precision and precision != "auto":
         options["precision"] = precision
+    if refineDetail and refineDetail != "full":
+        options["refine_detail"] = refineDetail
     return options
 
 
 def match_arguments(fixedPath, movingPath, outputFolder, checkpoint=None, device="auto", preset="auto",
-                    refineIterations=None, similarity="lncc", timeBudgetSeconds=None, precision="auto") -> List[str]:
+                    refineIterations=None, similarity="lncc", timeBudgetSeconds=None, precision="auto",
+                    refineDetail="full") -> List[str]:
     """``gvsl match`` arguments for the panel's choices. Options left at the engine's default
     are not passed, so the command line stays the engine's own default."""
     args = ["match", str(fixedPath), str(movingPath), "--out", str(outputFolder), "--device", device,
@@ -136,8 +141,8 @@ def match_arguments(fixedPath, movingPath, outputFolder, checkpoint=None, device
     if checkpoint:
         args += ["--checkpoint", str(checkpoint)]
     flags = {"refine_iters": "--refine-iters", "similarity": "--similarity", "time_budget_s": "--time-budget",
-             "precision": "--precision"}
-    for key, value in match_options(refineIterations, similarity, timeBudgetSeconds, precision).items():
+             "precision": "--precision", "refine_detail": "--refine-detail"}
+    for key, value in match_options(refineIterations, similarity, timeBudgetSeconds, precision, refineDetail).items():
         args += [flags[key], str(value)]
     return args
 
@@ -157,6 +162,14 @@ def match_summary(metrics: Dict) -> str:
     if refinement.get("iterations"):
         line = (f"refinement: {refinement['iterations']} iterations of {refinement.get('similarity', '?')} "
                 f"in {refinement.get('seconds', 0.0):.1f} s")
+        finest = [level["spacing_mm"] for level in refinement.get("levels", [])
+                  if level.get("stage") == "deformable" and level.get("spacing_mm")]
+        if finest:
+            spacing = finest[-1]
+            size = f"{spacing[0]:.2f}" if max(spacing) - min(spacing) < 0.005 else " x ".join(f"{v:.2f}" for v in spacing)
+            line += f", finest level {size} mm"
+            if refinement.get("detail"):
+                line += f" ({refinement['detail']} detail)"
         if refinement.get("improved") is False:
             line += " (did not improve: the network's field is kept)"
         lines.append(line)
@@ -282,12 +295,12 @@ class GVSLLogic:
     # -------------------------------------------------------------- match pair
     def matchPair(self, fixedVolumeNode, movingVolumeNode, checkpoint=None, device="auto", preset="auto",
                   progress=None, refineIterations=None, similarity="lncc", timeBudgetSeconds=None,
-                  precision="auto") -> MatchPairResult:
+                  precision="auto", refineDetail="full") -> MatchPairResult:
         """Run the network (and its refinement) in this process and put its answer in the scene."""
         from gvsl.match import match_pair
         fixed, _ = match_input_image(fixedVolumeNode)
         moving, _ = match_input_image(movingVolumeNode)
-        options = match_options(refineIterations, similarity, timeBudgetSeconds, precision)
+        options = match_options(refineIterations, similarity, timeBudgetSeconds, precision, refineDetail)
         result = match_pair(fixed, moving, checkpoint, device=device, preset=preset, progress=progress, **options)
         return self.importMatchResult(result, fixedVolumeNode, movingVolumeNode)
 
@@ -313,7 +326,7 @@ class GVSLLogic:
 
     def matchJob(self, fixedVolumeNode, movingVolumeNode, checkpoint=None, device="auto", preset="auto",
                  workFolder=None, refineIterations=None, similarity="lncc", timeBudgetSeconds=None,
-                 precision="auto") -> Tuple[GVSLJob, str]:
+                 precision="auto", refineDetail="full") -> Tuple[GVSLJob, str]:
         """A not yet started child process that matches the pair into ``workFolder``/result.
         Without ``workFolder`` a temporary folder; the earlier matches' temporary folders go,
         except the one the last match's heatmaps read (a panel runs one match at a time)."""
@@ -323,7 +336,7 @@ class GVSLLogic:
         fixed_path, moving_path = self.writeMatchInputs(fixedVolumeNode, movingVolumeNode, folder / "inputs")
         checkpoint = absolute_path(checkpoint) if checkpoint else checkpoint
         args = match_arguments(fixed_path, moving_path, folder / "result", checkpoint, device, preset,
-                               refineIterations, similarity, timeBudgetSeconds, precision)
+                               refineIterations, similarity, timeBudgetSeconds, precision, refineDetail)
         return GVSLJob(args, stop_file=folder / "STOP"), str(folder / "result")
 
     def importMatchFolder(self, folder, fixedVolumeNode, movingVolumeNode) -> MatchPairResult:

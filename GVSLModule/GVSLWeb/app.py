@@ -107,7 +107,8 @@ class GVSLWebApp(TrameApp):
                   "train_run": "run1", "train_iters": 1000, "train_patch": 64, "train_width": 0.25,
                   "train_spacing": 3.0, "train_init": "", "train_state": "idle", "train_progress": 0,
                   "train_message": "", "train_curve_svg": "", "train_checkpoint": "",
-                  "match_model": str(self.session.checkpoint or "the shipped model"), "clients": 0})
+                  "match_model": str(self.session.checkpoint or "the shipped model"), "clients": 0,
+                  "match_detail": "full"})
 
     def _show_client_count(self, count: int):
         # Connections open and close outside trame's state context: "with" pushes the change.
@@ -168,7 +169,7 @@ class GVSLWebApp(TrameApp):
     def match_pair(self):
         self.state.error = ""
         try:
-            status = self.session.start_match()
+            status = self.session.start_match(refine_detail=self.state.match_detail)
         except SessionError as error:
             self._fail(error)
             return
@@ -367,6 +368,12 @@ class GVSLWebApp(TrameApp):
                                       id=f"gvsl-{role}-upload")
                     v3.VBtn("Open sample pair", click=self.open_sample_pair, block=True, classes="my-2",
                             id="gvsl-sample")
+                    # = gvsl.refine.DETAIL_MAX_VOXELS: full is the engine's default
+                    v3.VSelect(v_model=("match_detail",), items=("['full', 'fast']",), label="refinement detail",
+                               hint="full: the fixed volume's own voxel size, up to 8 M voxels (a 1 mm brain "
+                                    "about 30 s on 2 CPU cores); fast: up to 1 M voxels (that brain at about "
+                                    "2 mm, about 4 s)", persistent_hint=False, density="compact",
+                               id="gvsl-match-detail"),
                     v3.VBtn("Match pair", click=self.match_pair, color="primary", block=True,
                             disabled=("match_state === 'running'",), id="gvsl-match")
                     v3.VProgressLinear(v_model=("match_progress",), height=18, classes="my-2",

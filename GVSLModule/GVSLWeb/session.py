@@ -231,7 +231,7 @@ class WebSession:
         return self._add_volume("fixed", fixed, fixed_name), self._add_volume("moving", moving, moving_name)
 
     # ------------------------------------------------------------------- match
-    def start_match(self, refine_iterations=None, time_budget_s=None) -> MatchStatus:
+    def start_match(self, refine_iterations=None, time_budget_s=None, refine_detail="full") -> MatchStatus:
         missing = [role for role in ROLES if role not in self.volumes]
         if missing:
             raise SessionError(f"open a {' and a '.join(missing)} volume first")
@@ -241,7 +241,7 @@ class WebSession:
         folder = self.work_dir / f"match_{self._runs:03d}"
         job, result_folder = self.logic.matchJob(self.volumes["fixed"], self.volumes["moving"], self.checkpoint,
                                                  self.device, workFolder=folder, refineIterations=refine_iterations,
-                                                 timeBudgetSeconds=time_budget_s)
+                                                 timeBudgetSeconds=time_budget_s, refineDetail=refine_detail)
         if self.python:
             job.python = self.python
         self.job = job.start()
