@@ -376,6 +376,29 @@ def test_lncc_box_filter_equals_monai():
     assert float(ours(a)) == pytest.approx(float(expected), abs=1e-4)
 
 
+def test_lncc_default_epsilon_is_voxelmorphs_on_a_low_contrast_image():
+    """VoxelMorph's NCC adds 1e-5 to the product of the two variances summed over the window;
+    LocalNCC's default epsilon is the same on window means. On a low-contrast image (local
+    standard deviation about 0.03 of the range, as inside white matter) a plain 1e-5 on the
+    means flattened the NCC."""
+    import torch.nn.functional as F
+    from gvsl.refine import LocalNCC
+    torch.manual_seed(0)
+    a = 0.5 + 0.1 * torch.rand(1, 1, 16, 18, 20)
+    b = a * 0.7 + 0.03 * torch.rand(1, 1, 16, 18, 20)
+    ones, n = torch.ones(1, 1, 5, 5, 5, dtype=torch.float64), 125.0
+    i, j = b.double(), a.double()  # VoxelMorph: I = fixed (y_true), J = moving (y_pred)
+    i_sum, j_sum, i2_sum, j2_sum, ij_sum = (F.conv3d(v, ones) for v in (i, j, i * i, j * j, i * j))
+    u_i, u_j = i_sum / n, j_sum / n
+    cross = ij_sum - u_j * i_sum - u_i * j_sum + u_i * u_j * n
+    i_var = i2_sum - 2 * u_i * i_sum + u_i * u_i * n
+    j_var = j2_sum - 2 * u_j * j_sum + u_j * u_j * n
+    expected = 1.0 - float((cross * cross / (i_var * j_var + 1e-5)).mean())
+    assert float(LocalNCC(b, 5, torch.ones_like(b))(a)) == pytest.approx(expected, abs=1e-4)
+    assert expected < 0.5  # the pair is well correlated ...
+    assert float(LocalNCC(b, 5, torch.ones_like(b), epsilon=1e-5)(a)) > 0.9  # ... which 1e-5 on means hid
+
+
 def test_box_filter_gradient_is_the_true_gradient():
     """The box mean's hand-written backward (its adjoint) against finite differences and
     against autograd through a convolution with a box kernel; windows wider than the output too."""

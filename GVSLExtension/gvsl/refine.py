@@ -38,13 +38,13 @@ from .mapping import Mapping, interpolation_matrix, lps_to_voxel_flow, voxel_flo
 from .sampling import SlabVolume, sample_trilinear
 
 SIMILARITIES = ("lncc", "mind")
+LNCC_EPSILON_ON_SUMS = 1e-5  # VoxelMorph's NCC: added to the product of window-summed variances
 # The finest level's voxel cap by name (CLI --refine-detail, the panel's Detail). On 1 mm
 # brains and a 0.96 x 0.96 x 1.5 mm head CT, refining at the scan's own voxel size raised
-# Dice by 0.013-0.041 over refining at about 2 mm on 5 of 7 known-transform and two-subject
-# pairs (the same on the other two, the smooth MNI152 template) and took 25-40 s instead of
-# about 4 s on 2 CPU cores, still less than ANTs SyN there (36-60 s; benchmarks/
-# registration.py --native, README). Scans of at most 1 M voxels (2 mm brains, most CTs)
-# are refined at their own voxel size either way.
+# Dice by 0.009-0.045 over refining at about 2 mm on 7 of 7 known-transform and two-subject
+# pairs and took 25-40 s instead of about 4 s on 2 CPU cores, still less than ANTs SyN there
+# (40-67 s; benchmarks/registration.py --native, README). Scans of at most 1 M voxels (2 mm
+# brains, most CTs) are refined at their own voxel size either way.
 DETAIL_MAX_VOXELS = {"full": 1 << 23, "fast": 1 << 20}
 
 
@@ -62,7 +62,7 @@ class RefineOptions:
     # (the panel's Stop, through gvsl.stopfile); what was reached is kept.
     stop: Optional[Callable[[], bool]] = None
     # Finest level: at most ~8 M voxels (a 1 mm brain at its own voxel size, a 512^2 x 600 CT
-    # at about 1.7 mm); DETAIL_MAX_VOXELS["fast"] caps it at ~1 M (a brain at about 2 mm).
+    # of 0.75 x 0.75 x 0.6 mm at 1.9 mm); DETAIL_MAX_VOXELS["fast"] caps it at ~1 M (a brain at about 2 mm).
     max_voxels: int = DETAIL_MAX_VOXELS["full"]
     # The levels cover the fixed image's foreground box plus this margin, not its whole field of
     # view: the similarity only counts foreground voxels, so the air around a head or a body was
@@ -314,9 +314,15 @@ class LocalNCC:
     a mask (on the voxels where a whole box fits); the fixed image's local statistics are
     computed once."""
 
-    def __init__(self, fixed: torch.Tensor, window: int, mask: torch.Tensor, epsilon: float = 1e-5):
-        # epsilon keeps flat regions (air) from amplifying noise: their NCC goes to 0.
-        self.window, self.epsilon = window, epsilon
+    def __init__(self, fixed: torch.Tensor, window: int, mask: torch.Tensor, epsilon: Optional[float] = None):
+        # epsilon keeps exactly flat regions (air) at NCC 0. The default is VoxelMorph's 1e-5,
+        # which it adds to the product of the variances summed over the window: on these
+        # window means it is 1e-5 / window^6. A plain 1e-5 here (before) was 10^5 times
+        # larger: it flattened the NCC wherever the local standard deviation was below about
+        # 0.06 of the intensity range (inside white matter, soft tissue), which lost up to
+        # 0.02 Dice on every benchmark pair (README, registration benchmark).
+        self.window = window
+        self.epsilon = LNCC_EPSILON_ON_SUMS / float(window) ** 6 if epsilon is None else float(epsilon)
         self.mask = crop_border(mask, window // 2)
         self.fixed = fixed
         self.mean_fixed = box_filter(fixed, window)
