@@ -146,6 +146,11 @@ def test_combo_box_items_are_the_parameter_choices():
     for name, (cls_name, param, items) in ui_widgets().items():
         if param in choices:
             assert items == choices[param], (name, items, choices[param])
+    # The panel cannot import the engine's constants (torch) when Slicer loads it: the
+    # choices it offers must still be the engine's.
+    from gvsl.refine import DETAIL_MAX_VOXELS, SIMILARITIES
+    assert choices["refineDetail"] == list(DETAIL_MAX_VOXELS)
+    assert choices["similarity"] == list(SIMILARITIES)
 
 
 def test_the_modules_own_path_connector_is_registered_for_str():
