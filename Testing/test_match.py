@@ -399,6 +399,24 @@ def test_lncc_default_epsilon_is_voxelmorphs_on_a_low_contrast_image():
     assert float(LocalNCC(b, 5, torch.ones_like(b), epsilon=1e-5)(a)) > 0.9  # ... which 1e-5 on means hid
 
 
+def test_lncc_gives_flat_windows_of_a_full_size_level_no_similarity():
+    """A 1 mm brain's finest level (181 x 217 x 181) with a flat block late along every axis:
+    there the squared NCC is 0 exactly, and the float32 running sums of the box filter must
+    not turn their rounding into similarity (uncentred, it averaged 0.11 there)."""
+    from gvsl.refine import LocalNCC
+    torch.manual_seed(0)
+    fixed = 0.2 + 0.4 * torch.rand(1, 1, 181, 217, 181)
+    fixed[..., 100:, 120:, 100:] = 0.9
+    fixed[..., :20] = 0.0  # air
+    moving = fixed * 0.9 + 0.05
+    flat = torch.zeros_like(fixed)
+    flat[..., 110:170, 130:200, 110:170] = 1.0  # window centres inside the block
+    assert 1.0 - float(LocalNCC(fixed, 7, flat)(moving)) < 0.01  # mean squared NCC there
+    textured = torch.zeros_like(fixed)
+    textured[..., 30:90, 30:110, 30:90] = 1.0
+    assert 1.0 - float(LocalNCC(fixed, 7, textured)(moving)) > 0.99  # and the same image elsewhere: 1
+
+
 def test_box_filter_gradient_is_the_true_gradient():
     """The box mean's hand-written backward (its adjoint) against finite differences and
     against autograd through a convolution with a box kernel; windows wider than the output too."""
@@ -485,10 +503,11 @@ def test_refine_detail_reaches_the_refinement_and_is_checked(known_pair, rigged_
         return original(fixed_image, moving_image, start, options, *args, **kwargs)
 
     monkeypatch.setattr(gvsl.refine, "refine_mapping", spy)
-    for detail in ("fast", "full"):
+    for detail in ("fast", "full", None):
         result = match_pair(fixed, moving, rigged_model, device="cpu", refine_detail=detail, refine_iters=8)
-        assert result.metrics["refinement"]["detail"] == detail
-    assert seen == [gvsl.refine.DETAIL_MAX_VOXELS["fast"], gvsl.refine.DETAIL_MAX_VOXELS["full"]]
+        assert result.metrics["refinement"]["detail"] == (detail or "full")  # None: RefineOptions' default
+    caps = gvsl.refine.DETAIL_MAX_VOXELS
+    assert seen == [caps["fast"], caps["full"], caps["full"]]
 
 
 def test_learning_rate_ramps_up_over_the_warm_up():

@@ -150,6 +150,8 @@ def test_combo_box_items_are_the_parameter_choices():
     # choices it offers must still be the engine's.
     from gvsl.refine import DETAIL_MAX_VOXELS, SIMILARITIES
     assert choices["refineDetail"] == list(DETAIL_MAX_VOXELS)
+    web_page = (REPO / "GVSLModule" / "GVSLWeb" / "app.py").read_text(encoding="utf-8")
+    assert f'v_model=("match_detail",), items=("{list(DETAIL_MAX_VOXELS)}",)' in web_page
     assert choices["similarity"] == list(SIMILARITIES)
 
 

@@ -98,7 +98,7 @@ def warp_labels(labels: sitk.Image, fixed: sitk.Image, displacement: sitk.Image)
 CHECKPOINT = None  # --checkpoint: another model than the shipped one
 
 
-def run_gvsl(pair, workdir: Path, refine: bool, detail: str = "full"):
+def run_gvsl(pair, workdir: Path, refine: bool, detail=None):
     from gvsl.match import match_pair
     preset = "ct" if pair.modality == "CT" else "mr"
     t0 = time.perf_counter()

@@ -39,7 +39,7 @@ def foreground_points(labels: sitk.Image, count: int, seed: int) -> np.ndarray:
 
 def run_demo(out="gvsl-demo", checkpoint=None, device="auto", sample="ct", seed=7, quiet=False,
              refine_iters=None, similarity="lncc", time_budget_s=None, refine_tolerance=None,
-             refine_detail="full") -> dict:
+             refine_detail=None) -> dict:
     from .match import match_pair
     from .samples import chest_ct, deformed_copy, mni_t1, random_deformation
 

@@ -280,7 +280,7 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
                time_budget_s: Optional[float] = None, precision: str = "auto",
                refine_tolerance: Optional[float] = None,
                stop: Optional[Callable[[], bool]] = None,
-               refine_detail: str = "full") -> MatchResult:
+               refine_detail: Optional[str] = None) -> MatchResult:
     """Match ``moving`` onto ``fixed`` (SimpleITK images or file paths) with a GVSL model
     (a module, a checkpoint path, or None for the shipped demo model), then refine the
     network's answer on the pair itself (:mod:`gvsl.refine`; ``refine_iters=0`` keeps the
@@ -292,7 +292,8 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
 
     ``refine_detail`` caps the refinement's finest level (``gvsl.refine.DETAIL_MAX_VOXELS``):
     ``full`` (about 8 M voxels: a 1 mm brain at its own voxel size) or ``fast`` (about 1 M:
-    that brain at about 2 mm, about 7x sooner); smaller scans are refined at their own voxel size.
+    that brain at about 2 mm, 6-10x sooner); smaller scans are refined at their own voxel size.
+    None keeps ``RefineOptions.max_voxels`` (full, unless an experiment changed it).
 
     ``stop()`` (polled between stages and before every refinement step) returning True ends
     the match early: before the network has answered it raises :class:`MatchStopped`;
@@ -313,9 +314,12 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
         if not refine_tolerance >= 0:
             raise ValueError(f"refine_tolerance must be 0 (run every step) or more, got {refine_tolerance}")
         options.tolerance = float(refine_tolerance)
-    if refine_detail not in DETAIL_MAX_VOXELS:
-        raise ValueError(f"unknown refine_detail {refine_detail!r}; choose one of {', '.join(DETAIL_MAX_VOXELS)}")
-    options.max_voxels = DETAIL_MAX_VOXELS[refine_detail]
+    if refine_detail is not None:
+        if refine_detail not in DETAIL_MAX_VOXELS:
+            raise ValueError(f"unknown refine_detail {refine_detail!r}; choose one of {', '.join(DETAIL_MAX_VOXELS)}")
+        options.max_voxels = DETAIL_MAX_VOXELS[refine_detail]
+    detail = next((name for name, cap in DETAIL_MAX_VOXELS.items() if cap == options.max_voxels),
+                  f"at most {options.max_voxels} voxels")
     say = progress or (lambda stage, fraction: None)
     seconds = {}
     t0 = time.perf_counter()
@@ -366,7 +370,7 @@ def match_pair(fixed: ImageLike, moving: ImageLike, model=None, device: str = "a
     network = Mapping(affine=moving_grid.voxel_to_physical() @ voxel @ fixed_grid.physical_to_voxel(),
                       local=voxel_flow_to_lps(out.local_flow.float().cpu(), fixed_grid), grid=fixed_grid)
 
-    refinement = {"iterations": 0, "similarity": similarity, "detail": refine_detail, "seconds": 0.0}
+    refinement = {"iterations": 0, "similarity": similarity, "detail": detail, "seconds": 0.0}
     final = network
     if options.iterations > 0:
         say("refine", 0.35)

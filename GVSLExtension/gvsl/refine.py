@@ -42,8 +42,8 @@ LNCC_EPSILON_ON_SUMS = 1e-5  # VoxelMorph's NCC: added to the product of window-
 # The finest level's voxel cap by name (CLI --refine-detail, the panel's Detail). On 1 mm
 # brains and a 0.96 x 0.96 x 1.5 mm head CT, refining at the scan's own voxel size raised
 # Dice by 0.009-0.045 over refining at about 2 mm on 7 of 7 known-transform and two-subject
-# pairs and took 25-40 s instead of about 4 s on 2 CPU cores, still less than ANTs SyN there
-# (40-67 s; benchmarks/registration.py --native, README). Scans of at most 1 M voxels (2 mm
+# pairs and took 26-43 s instead of about 4-5 s on 2 CPU cores, still less than ANTs SyN there
+# (43-71 s; benchmarks/registration.py --native, README). Scans of at most 1 M voxels (2 mm
 # brains, most CTs) are refined at their own voxel size either way.
 DETAIL_MAX_VOXELS = {"full": 1 << 23, "fast": 1 << 20}
 
@@ -324,11 +324,18 @@ class LocalNCC:
         self.window = window
         self.epsilon = LNCC_EPSILON_ON_SUMS / float(window) ** 6 if epsilon is None else float(epsilon)
         self.mask = crop_border(mask, window // 2)
-        self.fixed = fixed
-        self.mean_fixed = box_filter(fixed, window)
-        self.var_fixed = (box_filter(fixed * fixed, window) - self.mean_fixed ** 2).clamp_min(0)
+        # Both images are centred on the fixed image's mean (NCC does not change): the box
+        # sums come from float32 running sums along whole axes, whose rounding grows with the
+        # values summed. Uncentred, flat windows late along every axis of a 181 x 217 x 181
+        # level got a squared NCC of 0.11 on average (0 exactly; up to 0.51), which so small
+        # an epsilon no longer hides; centred, 0.001 (up to 0.02).
+        self.offset = float(fixed.mean())
+        self.fixed = fixed - self.offset
+        self.mean_fixed = box_filter(self.fixed, window)
+        self.var_fixed = (box_filter(self.fixed * self.fixed, window) - self.mean_fixed ** 2).clamp_min(0)
 
     def __call__(self, warped: torch.Tensor) -> torch.Tensor:
+        warped = warped - self.offset
         # One box filter over the three stacked channels: fewer passes than three filters.
         sums = box_filter(torch.cat([warped, warped * self.fixed, warped * warped], dim=1), self.window)
         mean_w, mean_wf, mean_ww = sums.split(warped.shape[1], dim=1)

@@ -167,9 +167,11 @@ def match_summary(metrics: Dict) -> str:
         if finest:
             spacing = finest[-1]
             size = f"{spacing[0]:.2f}" if max(spacing) - min(spacing) < 0.005 else " x ".join(f"{v:.2f}" for v in spacing)
-            line += f", finest level {size} mm"
+            stopped = refinement.get("stopped_by_time_budget") or refinement.get("stopped_by_request")
+            line += f", {'last level reached' if stopped else 'finest level'} {size} mm"
             if refinement.get("detail"):
-                line += f" ({refinement['detail']} detail)"
+                detail = refinement["detail"]
+                line += f" ({detail} detail)" if detail in ("full", "fast") else f" ({detail})"
         if refinement.get("improved") is False:
             line += " (did not improve: the network's field is kept)"
         lines.append(line)
