@@ -41,7 +41,7 @@ SIMILARITIES = ("lncc", "mind")
 LNCC_EPSILON_ON_SUMS = 1e-5  # VoxelMorph's NCC: added to the product of window-summed variances
 # The finest level's voxel cap by name (CLI --refine-detail, the panel's Detail). On 1 mm
 # brains and a 0.96 x 0.96 x 1.5 mm head CT, refining at the scan's own voxel size raised
-# Dice by 0.009-0.045 over refining at about 2 mm on 7 of 7 known-transform and two-subject
+# Dice by 0.008-0.045 over refining at about 2 mm on 7 of 7 known-transform and two-subject
 # pairs and took 26-43 s instead of about 4-5 s on 2 CPU cores, still less than ANTs SyN there
 # (43-71 s; benchmarks/registration.py --native, README). Scans of at most 1 M voxels (2 mm
 # brains, most CTs) are refined at their own voxel size either way.
